@@ -1,0 +1,91 @@
+"""Development sessions: ``nox`` runs lint, typecheck, tests, build; ``nox -s bench`` measures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests", "build"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+ROOT = pathlib.Path(__file__).parent
+# One interpreter: the one running nox (no matrix, so no session is skipped silently).
+PYTHON = None
+
+
+def install_project(session: nox.Session, extras: str = "dev,server") -> None:
+    """Install aicortex (not editable, so tests see what a user installs) with ``extras``."""
+    session.install(f".[{extras}]")
+    # Reinstall the project itself on every run even if the version did not change.
+    session.install("--no-deps", "--force-reinstall", ".")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """pyright --strict on src/ and the public API's completeness (--verifytypes)."""
+    install_project(session)
+    session.run("pyright")
+    session.run("pyright", "--verifytypes", "aicortex", "--ignoreexternal")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """pytest; every async test runs on asyncio and trio."""
+    install_project(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Build sdist and wheel, twine check them, and use the wheel from a fresh venv."""
+    session.install("build", "twine")
+    dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    session.run("twine", "check", "--strict", *map(str, dist.glob("*")))
+    wheel = next(dist.glob("*.whl"))
+    with tempfile.TemporaryDirectory() as tmp:
+        venv = pathlib.Path(tmp) / "venv"
+        session.run("python", "-m", "venv", str(venv))
+        bindir = venv / ("Scripts" if os.name == "nt" else "bin")
+        python = str(bindir / "python")
+        session.run(python, "-m", "pip", "install", "--quiet", str(wheel), external=True)
+        # Run from outside the source tree so only the installed wheel can answer.
+        with session.chdir(tmp):
+            session.run(python, "-c", SMOKE, external=True)
+
+
+SMOKE = """
+import pathlib, aicortex
+assert "src" not in pathlib.Path(aicortex.__file__).parts, aicortex.__file__
+families = aicortex.families()
+assert families == ["deepseek", "gemma", "llama", "mistral", "qwen"], families
+info = aicortex.model_info("llama3.2:3b")
+assert info.context_length > 0 and info.family == "llama", info
+assert aicortex.llm_params("llama3.2:3b")
+draw = aicortex.random_llm_params
+assert draw("qwen2.5:7b", seed=7) == draw("qwen2.5:7b", seed=7)
+assert (pathlib.Path(aicortex.__file__).parent / "py.typed").exists()
+print("wheel OK:", aicortex.__version__, len(aicortex.models()), "models in", families)
+"""
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Streaming throughput and import time against plain httpx and ollama-python."""
+    install_project(session)
+    session.install("ollama")
+    session.run("python", "tests/benchmarks/bench_stream.py", *session.posargs)
