@@ -1,0 +1,124 @@
+"""aicortex: use one or many Ollama servers as one.
+
+Async-first (:class:`AsyncCortex`), with a blocking twin (:class:`Cortex` and the
+module-level functions), failover between servers, typed streaming events and
+an offline model catalog.
+
+Importing the package is cheap: the HTTP stack, pydantic and the catalog load
+on first use of a name that needs them.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from ._config import Timeout as Timeout
+from ._events import EventType as EventType
+from ._events import Stats as Stats
+from ._events import StreamEvent as StreamEvent
+from ._events import ToolCall as ToolCall
+from ._exceptions import AICortexError as AICortexError
+from ._exceptions import Attempt as Attempt
+from ._exceptions import CortexTimeoutError as CortexTimeoutError
+from ._exceptions import ModelNotFoundError as ModelNotFoundError
+from ._exceptions import ServerError as ServerError
+from ._exceptions import StreamError as StreamError
+from ._exceptions import ValidationError as ValidationError
+from ._version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from ._api import build_api_request as build_api_request
+    from ._api import chat as chat
+    from ._api import families as families
+    from ._api import get_default_cortex as get_default_cortex
+    from ._api import llm_params as llm_params
+    from ._api import model_info as model_info
+    from ._api import model_servers as model_servers
+    from ._api import models as models
+    from ._api import random_llm_params as random_llm_params
+    from ._api import server_info as server_info
+    from ._catalog import Catalog as Catalog
+    from ._catalog import ModelInfo as ModelInfo
+    from ._catalog import ParamRange as ParamRange
+    from ._catalog import ServerEntry as ServerEntry
+    from ._client import ApiRequest as ApiRequest
+    from ._client import AsyncCortex as AsyncCortex
+    from ._health import ServerInfo as ServerInfo
+    from ._protocol import Message as Message
+    from ._stream import AsyncStream as AsyncStream
+    from ._sync import Cortex as Cortex
+    from ._sync import Stream as Stream
+
+_LAZY = {
+    "build_api_request": "_api",
+    "chat": "_api",
+    "families": "_api",
+    "get_default_cortex": "_api",
+    "llm_params": "_api",
+    "model_info": "_api",
+    "model_servers": "_api",
+    "models": "_api",
+    "random_llm_params": "_api",
+    "server_info": "_api",
+    "Catalog": "_catalog",
+    "ModelInfo": "_catalog",
+    "ParamRange": "_catalog",
+    "ServerEntry": "_catalog",
+    "ApiRequest": "_client",
+    "AsyncCortex": "_client",
+    "ServerInfo": "_health",
+    "Message": "_protocol",
+    "AsyncStream": "_stream",
+    "Cortex": "_sync",
+    "Stream": "_sync",
+}
+
+__all__ = [
+    "AICortexError",
+    "ApiRequest",
+    "AsyncCortex",
+    "AsyncStream",
+    "Attempt",
+    "Catalog",
+    "Cortex",
+    "CortexTimeoutError",
+    "EventType",
+    "Message",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "ParamRange",
+    "ServerEntry",
+    "ServerError",
+    "ServerInfo",
+    "Stats",
+    "Stream",
+    "StreamError",
+    "StreamEvent",
+    "Timeout",
+    "ToolCall",
+    "ValidationError",
+    "__version__",
+    "build_api_request",
+    "chat",
+    "families",
+    "get_default_cortex",
+    "llm_params",
+    "model_info",
+    "model_servers",
+    "models",
+    "random_llm_params",
+    "server_info",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aicortex' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"aicortex.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,195 @@
+"""Module-level blocking functions, on a default :class:`Cortex` created on first use."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, overload
+
+from ._catalog import ModelInfo, ServerEntry, default_catalog
+from ._client import ApiRequest, AsyncCortex, Prompt
+from ._config import Timeout
+from ._health import ServerInfo
+from ._sync import Cortex, Stream
+
+__all__ = [
+    "build_api_request",
+    "chat",
+    "families",
+    "get_default_cortex",
+    "llm_params",
+    "model_info",
+    "model_servers",
+    "models",
+    "random_llm_params",
+    "server_info",
+]
+
+_lock = threading.Lock()
+_default: Cortex | None = None
+
+
+def get_default_cortex() -> Cortex:
+    """The process-wide :class:`Cortex` behind the module-level functions.
+
+    Created on first use from the environment (``AICORTEX_SERVERS``,
+    ``AICORTEX_MODEL``, ``OLLAMA_HOST``) and closed when the interpreter exits.
+    """
+    global _default
+    with _lock:
+        if _default is None or _default.closed:
+            _default = Cortex()
+            atexit.register(_default.close)
+        return _default
+
+
+@overload
+def chat(
+    prompt: Prompt,
+    *,
+    model: str | None = None,
+    stream: Literal[False] = False,
+    server_url: str | None = None,
+    system: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    format: str | Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    images: Sequence[str | bytes] | None = None,
+    think: bool | Literal["low", "medium", "high", "max"] | None = None,
+    keep_alive: float | str | None = None,
+    timeout: Timeout | None = None,
+) -> str: ...
+
+
+@overload
+def chat(
+    prompt: Prompt,
+    *,
+    model: str | None = None,
+    stream: Literal[True],
+    server_url: str | None = None,
+    system: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    format: str | Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    images: Sequence[str | bytes] | None = None,
+    think: bool | Literal["low", "medium", "high", "max"] | None = None,
+    keep_alive: float | str | None = None,
+    timeout: Timeout | None = None,
+) -> Stream: ...
+
+
+@overload
+def chat(
+    prompt: Prompt,
+    *,
+    model: str | None = None,
+    stream: bool,
+    server_url: str | None = None,
+    system: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    format: str | Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    images: Sequence[str | bytes] | None = None,
+    think: bool | Literal["low", "medium", "high", "max"] | None = None,
+    keep_alive: float | str | None = None,
+    timeout: Timeout | None = None,
+) -> str | Stream: ...
+
+
+def chat(
+    prompt: Prompt,
+    *,
+    model: str | None = None,
+    stream: bool = False,
+    server_url: str | None = None,
+    system: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    format: str | Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    images: Sequence[str | bytes] | None = None,
+    think: bool | Literal["low", "medium", "high", "max"] | None = None,
+    keep_alive: float | str | None = None,
+    timeout: Timeout | None = None,
+) -> str | Stream:
+    """Chat through the default :class:`Cortex`; see :meth:`AsyncCortex.chat`."""
+    return get_default_cortex().chat(
+        prompt,
+        model=model,
+        stream=stream,
+        server_url=server_url,
+        system=system,
+        options=options,
+        format=format,
+        tools=tools,
+        images=images,
+        think=think,
+        keep_alive=keep_alive,
+        timeout=timeout,
+    )
+
+
+def server_info(model: str | None = None, server_url: str | None = None) -> ServerInfo:
+    """Live facts about the server that would serve ``model`` (see ``AsyncCortex.server_info``)."""
+    return get_default_cortex().server_info(model, server_url)
+
+
+def build_api_request(
+    model: str,
+    prompt: Prompt,
+    *,
+    stream: bool = True,
+    server_url: str | None = None,
+    system: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    format: str | Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    images: Sequence[str | bytes] | None = None,
+    think: bool | Literal["low", "medium", "high", "max"] | None = None,
+    keep_alive: float | str | None = None,
+) -> ApiRequest:
+    """The request a chat would send, without sending it (no I/O)."""
+    return AsyncCortex().build_api_request(
+        model,
+        prompt,
+        stream=stream,
+        server_url=server_url,
+        system=system,
+        options=options,
+        format=format,
+        tools=tools,
+        images=images,
+        think=think,
+        keep_alive=keep_alive,
+    )
+
+
+def families() -> list[str]:
+    """Model families in the bundled catalog."""
+    return default_catalog().families()
+
+
+def models(family: str | None = None) -> list[str]:
+    """Model names in the bundled catalog, optionally of one family."""
+    return default_catalog().models(family)
+
+
+def model_info(model: str) -> ModelInfo:
+    """Catalog facts about ``model``; raises :class:`ModelNotFoundError` with suggestions."""
+    return default_catalog().model_info(model)
+
+
+def model_servers(model: str) -> list[ServerEntry]:
+    """The servers the catalog lists for ``model``."""
+    return default_catalog().model_servers(model)
+
+
+def llm_params(model: str) -> dict[str, int | float]:
+    """The catalog's default generation parameters for ``model``."""
+    return default_catalog().llm_params(model)
+
+
+def random_llm_params(model: str, seed: int | None = None) -> dict[str, int | float]:
+    """Generation parameters drawn within the catalog's ranges; same seed, same result."""
+    return default_catalog().random_llm_params(model, seed=seed)

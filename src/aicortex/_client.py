@@ -1,0 +1,534 @@
+"""``AsyncCortex``: one client for many Ollama servers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypedDict, overload
+
+import anyio
+import httpx
+
+from ._catalog import Catalog, ModelInfo, ServerEntry, default_catalog
+from ._config import DEFAULT_HEALTH_TTL, Timeout, env_api_key, env_host, env_model, env_servers
+from ._exceptions import (
+    Attempt,
+    CortexTimeoutError,
+    ModelNotFoundError,
+    ServerError,
+    StreamError,
+    ValidationError,
+)
+from ._health import ServerInfo, plan_attempts, unique
+from ._protocol import CHAT_PATH, Message, build_chat_body, build_messages, classify_status
+from ._router import Router, describe_error
+from ._stream import AsyncStream, StartFailed
+from ._urls import normalize_host
+
+__all__ = ["ApiRequest", "AsyncCortex"]
+
+logger = logging.getLogger("aicortex")
+
+Prompt = str | Sequence[Mapping[str, Any] | Message]
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class ApiRequest(TypedDict):
+    """The HTTP request aicortex would send for a chat."""
+
+    method: str
+    url: str
+    path: str
+    json: dict[str, Any]
+
+
+class _ModelMissing(Exception):
+    pass
+
+
+def _as_list(servers: Sequence[str] | str | None) -> list[str]:
+    if servers is None:
+        return []
+    if isinstance(servers, str):
+        return [s.strip() for s in servers.split(",") if s.strip()]
+    return list(servers)
+
+
+class AsyncCortex:
+    """An async client that treats one or many Ollama servers as one.
+
+    ``servers`` are tried in order; when none are given, ``AICORTEX_SERVERS`` is
+    read. Unless ``fallback=False``, the catalog's servers for the model and
+    then ``OLLAMA_HOST`` (else ``http://127.0.0.1:11434``) follow as further
+    candidates. Use it as an async context manager, or call :meth:`aclose`::
+
+        async with AsyncCortex(servers=["http://gpu-box:11434"]) as cortex:
+            print(await cortex.chat("Why is the sky blue?", model="llama3.2:3b"))
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str] | str | None = None,
+        *,
+        model: str | None = None,
+        timeout: Timeout | None = None,
+        health_ttl: float = DEFAULT_HEALTH_TTL,
+        fallback: bool = True,
+        headers: Mapping[str, str] | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        configured = _as_list(servers) or env_servers()
+        self._servers = unique(normalize_host(s) for s in configured)
+        self._model = model
+        self._timeout = timeout if timeout is not None else Timeout()
+        if not isinstance(self._timeout, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError("timeout must be an aicortex.Timeout.")
+        if (
+            isinstance(health_ttl, bool)
+            or not isinstance(health_ttl, (int, float))
+            or health_ttl < 0
+        ):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError(
+                f"health_ttl must be a number of seconds >= 0, not {health_ttl!r}."
+            )
+        self._fallback = fallback
+        self._catalog = catalog
+        all_headers = dict(headers or {})
+        api_key = env_api_key()
+        if api_key and not any(k.lower() == "authorization" for k in all_headers):
+            all_headers["Authorization"] = f"Bearer {api_key}"
+        self._router = Router(
+            timeout=self._timeout, health_ttl=float(health_ttl), headers=all_headers
+        )
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncCortex:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection. The client cannot be used afterwards."""
+        await self._router.aclose()
+
+    @property
+    def servers(self) -> list[str]:
+        """The configured servers, normalised, in preference order."""
+        return list(self._servers)
+
+    @property
+    def timeout(self) -> Timeout:
+        """The default timeouts of this client."""
+        return self._timeout
+
+    @property
+    def catalog(self) -> Catalog:
+        """The model catalog this client uses."""
+        if self._catalog is None:
+            self._catalog = default_catalog()
+        return self._catalog
+
+    def __repr__(self) -> str:
+        return f"<AsyncCortex servers={self._servers!r}>"
+
+    # -- selection -----------------------------------------------------------
+
+    def default_model(self) -> str:
+        """``model=`` of the constructor, else ``AICORTEX_MODEL``, else the catalog's default."""
+        return self._model or env_model() or self.catalog.default_model()
+
+    def candidates(self, model: str | None = None, server_url: str | None = None) -> list[str]:
+        """The servers that would be considered for ``model``, in preference order."""
+        if server_url is not None:
+            return [normalize_host(server_url)]
+        urls = list(self._servers)
+        if self._fallback or not urls:
+            if model is not None:
+                info = self.catalog.find(model)
+                if info is not None:
+                    for entry in info.servers:
+                        try:
+                            urls.append(normalize_host(entry.url))
+                        except ValidationError as exc:
+                            logger.warning("Skipping catalog server of %s: %s", model, exc)
+            urls.append(normalize_host(env_host()))
+        return unique(urls)
+
+    # -- chat ----------------------------------------------------------------
+
+    @overload
+    async def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> str: ...
+
+    @overload
+    async def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> AsyncStream: ...
+
+    @overload
+    async def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: bool,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> str | AsyncStream: ...
+
+    async def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> str | AsyncStream:
+        """Send a chat to the best available server.
+
+        Returns the answer's text, or with ``stream=True`` an :class:`AsyncStream`
+        that is already connected (its first token has arrived). Failures before
+        the first token move on to the next server; see the README for the rules.
+        """
+        model = model or self.default_model()
+        body = build_chat_body(
+            model,
+            build_messages(prompt, system=system, images=images),
+            stream=True,
+            options=options,
+            format=format,
+            tools=tools,
+            think=think,
+            keep_alive=keep_alive,
+        )
+        t = timeout if timeout is not None else self._timeout
+        if not isinstance(t, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError("timeout must be an aicortex.Timeout.")
+        candidates = self.candidates(model, server_url)
+        deadline = None if t.total is None else anyio.current_time() + t.total
+        if stream:
+            return await self._open(body, model, candidates, t, deadline, [])
+        return await self._collect(body, model, candidates, t, deadline)
+
+    async def _collect(
+        self,
+        body: dict[str, Any],
+        model: str,
+        candidates: list[str],
+        t: Timeout,
+        deadline: float | None,
+    ) -> str:
+        # Nothing has reached the caller yet, so a stream that breaks midway is
+        # simply retried on the next server.
+        attempts: list[Attempt] = []
+        while True:
+            stream = await self._open(body, model, candidates, t, deadline, attempts)
+            try:
+                return await stream.text()
+            except StreamError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, CortexTimeoutError) and cause.phase == "total":
+                    raise cause from None
+                attempts.append(Attempt(stream.server, f"broke mid-answer ({exc})"))
+            finally:
+                await stream.aclose()
+
+    async def _open(
+        self,
+        body: dict[str, Any],
+        model: str,
+        candidates: list[str],
+        t: Timeout,
+        deadline: float | None,
+        attempts: list[Attempt],
+    ) -> AsyncStream:
+        tried = {a.server for a in attempts}
+        missing_on: list[str] = []
+        skipped: list[Attempt] = []
+        while True:
+            with _total_deadline(deadline, t):
+                health = await self._router.health(candidates, model)
+            plan = plan_attempts([c for c in candidates if c not in tried], health, model)
+            skipped = plan.skipped
+            if not plan.order:
+                break
+            url = plan.order[0]
+            tried.add(url)
+            for skip in skipped:
+                if skip.server not in tried:
+                    logger.warning("Skipping Ollama server %s: %s", skip.server, skip.reason)
+            try:
+                return await self._attempt(url, body, model, t, deadline)
+            except _ModelMissing:
+                missing_on.append(url)
+                attempts.append(Attempt(url, f"does not have model {model!r}"))
+            except _AttemptError as exc:
+                self._router.mark_down(url, exc.reason)
+                attempts.append(Attempt(url, exc.reason))
+        if missing_on:
+            live: list[str] = []
+            for url in missing_on:
+                entry = self._router.cache.get(url, self._router.now())
+                if entry is not None:
+                    live.extend(entry.models)
+            raise ModelNotFoundError(
+                model, self.catalog.suggestions(model, extra=unique(live)), servers=missing_on
+            )
+        attempts.extend(s for s in skipped if s.server not in {a.server for a in attempts})
+        raise ServerError(
+            f"No Ollama server could serve model {model!r}. Start Ollama on one of them, "
+            "or pass servers=[...] / set AICORTEX_SERVERS.",
+            attempts,
+        )
+
+    async def _attempt(
+        self,
+        url: str,
+        body: dict[str, Any],
+        model: str,
+        t: Timeout,
+        deadline: float | None,
+    ) -> AsyncStream:
+        client = self._router.client(url)
+        limit = t.first_token
+        if deadline is not None:
+            remaining = max(deadline - anyio.current_time(), 0.0)
+            limit = remaining if limit is None else min(limit, remaining)
+        request = client.build_request(
+            "POST",
+            CHAT_PATH,
+            json=body,
+            timeout=httpx.Timeout(
+                connect=t.connect, read=t.first_token, write=t.connect, pool=t.first_token
+            ),
+        )
+        response: httpx.Response | None = None
+        with anyio.move_on_after(limit) as scope:
+            try:
+                response = await client.send(request, stream=True)
+                if response.status_code != 200:
+                    raise self._status_error(response, await _read_capped(response))
+                # Once the server answers, the idle limit applies between chunks.
+                timeouts = request.extensions.get("timeout")
+                if isinstance(timeouts, dict):
+                    timeouts["read"] = t.idle
+                stream = AsyncStream(
+                    response,
+                    model=model,
+                    server=url,
+                    deadline=deadline,
+                    total=t.total,
+                    idle=t.idle,
+                    on_failure=self._router.mark_down,
+                )
+                await stream._prime()  # pyright: ignore[reportPrivateUsage]
+                return stream
+            except StartFailed as exc:
+                await _close(response)
+                raise _AttemptError(exc.reason) from None
+            except httpx.HTTPError as exc:
+                await _close(response)
+                raise _AttemptError(describe_error(exc, t)) from None
+            except BaseException:
+                await _close(response)
+                raise
+        await _close(response)
+        assert scope.cancelled_caught
+        if deadline is not None and anyio.current_time() >= deadline:
+            raise CortexTimeoutError("total", t.total or 0.0, server=url)
+        raise _AttemptError(f"no first token within {limit:g}s")
+
+    def _status_error(self, response: httpx.Response, body: bytes) -> Exception:
+        failure = classify_status(
+            response.status_code, body, response.headers.get("content-type", "")
+        )
+        if failure.kind == "invalid":
+            return ValidationError(f"Ollama rejected the request: {failure.message}")
+        if failure.kind == "model_missing":
+            return _ModelMissing(failure.message)
+        return _AttemptError(failure.message)
+
+    # -- live information ----------------------------------------------------
+
+    async def probe_servers(
+        self, model: str | None = None, *, server_url: str | None = None
+    ) -> list[ServerInfo]:
+        """Probe every candidate server for ``model`` now, concurrently."""
+        candidates = self.candidates(model, server_url)
+        health = await self._router.health(candidates, model, fresh=True)
+        return [ServerInfo.from_health(health[url], model) for url in candidates if url in health]
+
+    async def server_info(
+        self, model: str | None = None, server_url: str | None = None
+    ) -> ServerInfo:
+        """Live facts about the server that would serve ``model`` (or about ``server_url``).
+
+        Probes now: reachable, latency, version, and whether the model is present.
+        When no server is up, describes the first candidate (``up=False``, ``error``).
+        """
+        infos = await self.probe_servers(model, server_url=server_url)
+        for info in infos:
+            if info.up and (model is None or info.has_model):
+                return info
+        for info in infos:
+            if info.up:
+                return info
+        return infos[0]
+
+    # -- offline helpers -----------------------------------------------------
+
+    def build_api_request(
+        self,
+        model: str,
+        prompt: Prompt,
+        *,
+        stream: bool = True,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+    ) -> ApiRequest:
+        """The request a chat would send to its first candidate server, without sending it.
+
+        aicortex itself always streams from Ollama (``"stream": true``) and joins
+        the chunks for non-streamed calls; pass ``stream=False`` to get a body for
+        a one-shot JSON answer instead.
+        """
+        body = build_chat_body(
+            model,
+            build_messages(prompt, system=system, images=images),
+            stream=stream,
+            options=options,
+            format=format,
+            tools=tools,
+            think=think,
+            keep_alive=keep_alive,
+        )
+        url = self.candidates(model, server_url)[0]
+        return ApiRequest(method="POST", url=url + CHAT_PATH, path=CHAT_PATH, json=body)
+
+    def families(self) -> list[str]:
+        """Model families in the catalog."""
+        return self.catalog.families()
+
+    def models(self, family: str | None = None) -> list[str]:
+        """Model names in the catalog, optionally of one family."""
+        return self.catalog.models(family)
+
+    def model_info(self, model: str) -> ModelInfo:
+        """Catalog facts about ``model``; raises :class:`ModelNotFoundError` with suggestions."""
+        return self.catalog.model_info(model)
+
+    def model_servers(self, model: str) -> list[ServerEntry]:
+        """The servers the catalog lists for ``model``."""
+        return self.catalog.model_servers(model)
+
+    def llm_params(self, model: str) -> dict[str, int | float]:
+        """The catalog's default generation parameters for ``model``."""
+        return self.catalog.llm_params(model)
+
+    def random_llm_params(self, model: str, seed: int | None = None) -> dict[str, int | float]:
+        """Generation parameters drawn within the catalog's ranges; same seed, same result."""
+        return self.catalog.random_llm_params(model, seed=seed)
+
+
+class _AttemptError(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class _total_deadline:
+    """Turn an expired total deadline into :class:`CortexTimeoutError`."""
+
+    def __init__(self, deadline: float | None, t: Timeout) -> None:
+        self._deadline = deadline
+        self._t = t
+        self._scope: anyio.CancelScope | None = None
+
+    def __enter__(self) -> None:
+        if self._deadline is not None:
+            self._scope = anyio.CancelScope(deadline=self._deadline)
+            self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._scope is None:
+            return
+        self._scope.__exit__(exc_type, exc, tb)
+        if self._scope.cancelled_caught:
+            raise CortexTimeoutError("total", self._t.total or 0.0)
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    data = b""
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= _ERROR_BODY_LIMIT:
+            break
+    return data
+
+
+async def _close(response: httpx.Response | None) -> None:
+    if response is not None:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()

@@ -1,0 +1,155 @@
+"""The exceptions aicortex raises.
+
+Everything derives from :class:`AICortexError`, so one ``except`` clause catches
+all of them::
+
+    AICortexError
+    ├── ModelNotFoundError      the model is not in the catalog / on any server
+    ├── ServerError             no server could serve the request (``.attempts``)
+    ├── ValidationError         bad input; also a ``ValueError``
+    ├── StreamError             a stream broke after its first token (``.partial_text``)
+    └── CortexTimeoutError      connect / first-token / idle / total; also a ``TimeoutError``
+
+Programming mistakes (for example iterating a closed stream) raise the usual
+built-in exceptions instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "AICortexError",
+    "Attempt",
+    "CortexTimeoutError",
+    "ModelNotFoundError",
+    "ServerError",
+    "StreamError",
+    "TimeoutPhase",
+    "ValidationError",
+]
+
+TimeoutPhase = Literal["connect", "first_token", "idle", "total", "probe"]
+
+
+class AICortexError(Exception):
+    """Base class of every error aicortex raises on purpose."""
+
+
+class ModelNotFoundError(AICortexError):
+    """The requested model is unknown to the catalog or missing on every server.
+
+    ``suggestions`` holds close matches (from the catalog and from the models the
+    live servers list), best first.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        suggestions: Sequence[str] = (),
+        *,
+        servers: Sequence[str] = (),
+    ) -> None:
+        self.model = model
+        self.suggestions: list[str] = list(suggestions)
+        self.servers: list[str] = list(servers)
+        where = f" on {', '.join(self.servers)}" if self.servers else ""
+        message = f"Model {model!r} was not found{where}."
+        if self.suggestions:
+            message += " Did you mean: " + ", ".join(repr(s) for s in self.suggestions) + "?"
+        elif self.servers:
+            message += f" Pull it first (`ollama pull {model}`) or pick another model."
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One server that was tried (or skipped) and why it could not serve."""
+
+    server: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.server}: {self.reason}"
+
+
+class ServerError(AICortexError):
+    """No server could serve the request.
+
+    ``attempts`` lists every server that was considered, in preference order,
+    with the reason it was skipped or failed. ``status_code`` is set when the
+    error comes from one server's HTTP answer that cannot be retried elsewhere.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        attempts: Sequence[Attempt] = (),
+        *,
+        status_code: int | None = None,
+    ) -> None:
+        self.attempts: list[Attempt] = list(attempts)
+        self.status_code = status_code
+        if self.attempts:
+            message += " Tried: " + "; ".join(str(a) for a in self.attempts) + "."
+        super().__init__(message)
+
+    @property
+    def servers(self) -> list[str]:
+        """The servers tried, in preference order."""
+        return [a.server for a in self.attempts]
+
+
+class ValidationError(AICortexError, ValueError):
+    """The input was rejected, by aicortex or by Ollama (HTTP 400)."""
+
+
+class StreamError(AICortexError):
+    """A stream failed after its first token had been delivered.
+
+    The output cannot be restarted elsewhere without repeating text, so the
+    stream ends here. ``partial_text`` is what had arrived, ``server`` is the
+    server that was streaming.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        partial_text: str = "",
+        server: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        self.partial_text = partial_text
+        self.server = server
+        self.model = model
+        super().__init__(message)
+
+
+class CortexTimeoutError(AICortexError, TimeoutError):
+    """A timeout expired.
+
+    ``phase`` says which one: ``connect``, ``first_token`` (waiting for the
+    model's first token, which includes loading the model), ``idle`` (gap
+    between two chunks), ``total`` (the whole call) or ``probe`` (a health
+    probe). ``timeout`` is the limit in seconds.
+    """
+
+    def __init__(self, phase: TimeoutPhase, timeout: float, *, server: str | None = None) -> None:
+        self.phase: TimeoutPhase = phase
+        self.timeout = timeout
+        self.server = server
+        label = {
+            "connect": "connecting",
+            "first_token": "waiting for the first token",
+            "idle": "waiting for the next chunk",
+            "total": "the whole request",
+            "probe": "the health probe",
+        }[phase]
+        where = f" from {server}" if server else ""
+        super().__init__(
+            f"Timed out after {timeout:g}s {label}{where}. "
+            f"Raise Timeout({phase}=...) if the server is just slow."
+        )

@@ -1,0 +1,235 @@
+"""Connection pools and concurrent health probing of Ollama servers."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import anyio
+import httpx
+
+from ._config import Timeout
+from ._health import Health, HealthCache, decided
+from ._protocol import TAGS_PATH, VERSION_PATH
+
+__all__ = ["Router", "describe_error"]
+
+logger = logging.getLogger("aicortex")
+
+_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
+_ssl_context: ssl.SSLContext | None = None
+
+
+def _shared_ssl_context() -> ssl.SSLContext:
+    """One verified TLS context for every pool: loading the CA bundle is slow."""
+    global _ssl_context
+    if _ssl_context is None:
+        _ssl_context = httpx.create_ssl_context()
+    return _ssl_context
+
+
+def describe_error(exc: BaseException, timeout: Timeout) -> str:
+    """A short, human reason for a transport failure."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"connect timed out after {timeout.connect:g}s"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc) or "cannot connect"
+        if "refused" in text.lower() or "errno 111" in text.lower():
+            return "connection refused"
+        return f"cannot connect ({text})"
+    if isinstance(exc, httpx.ReadTimeout):
+        return "read timed out"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"broke the HTTP protocol ({exc})"
+    if isinstance(exc, httpx.ReadError):
+        return f"connection dropped ({exc or 'read error'})"
+    if isinstance(exc, httpx.HTTPError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Router:
+    """Owns one pooled ``httpx.AsyncClient`` per server and the health cache.
+
+    All methods run on the event loop that created the router.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: Timeout,
+        health_ttl: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.cache = HealthCache(health_ttl)
+        self._headers = dict(headers or {})
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._inflight: dict[str, anyio.Event] = {}
+        self._closed = False
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def client(self, url: str) -> httpx.AsyncClient:
+        """The pooled client for ``url``, created on first use."""
+        if self._closed:
+            raise RuntimeError("This AsyncCortex is closed; create a new one.")
+        client = self._clients.get(url)
+        if client is None:
+            t = self.timeout
+            client = httpx.AsyncClient(
+                base_url=url,
+                headers={"Accept": "application/json", **self._headers},
+                timeout=httpx.Timeout(
+                    connect=t.connect, read=t.first_token, write=t.connect, pool=t.first_token
+                ),
+                limits=_LIMITS,
+                verify=_shared_ssl_context(),
+                follow_redirects=True,
+            )
+            self._clients[url] = client
+        return client
+
+    def mark_down(self, url: str, reason: str) -> None:
+        """Record a failed real request: ``url`` is skipped until its next probe."""
+        logger.warning("Ollama server %s failed: %s; marking it down", url, reason)
+        self.cache.mark_down(url, reason, self.now())
+
+    async def probe(self, url: str) -> Health:
+        """Probe one server (``GET /api/tags`` and ``/api/version`` at once); cache the result."""
+        client = self.client(url)
+        probe_timeout = self.timeout.probe
+        started = self.now()
+        tags: dict[str, Any] = {}
+        version: list[str] = []
+        failure: list[str] = []
+
+        async def get_tags() -> None:
+            try:
+                response = await client.get(TAGS_PATH)
+            except httpx.HTTPError as exc:
+                failure.append(describe_error(exc, self.timeout))
+                return
+            if response.status_code != 200:
+                failure.append(f"probe GET {TAGS_PATH} answered HTTP {response.status_code}")
+                return
+            try:
+                data = response.json()
+            except ValueError:
+                data = None
+            if not isinstance(data, dict):
+                failure.append(f"probe GET {TAGS_PATH} did not answer with Ollama's JSON")
+                return
+            tags.update(cast("dict[str, Any]", data))
+
+        async def get_version() -> None:
+            try:
+                response = await client.get(VERSION_PATH)
+                data = response.json() if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                return
+            if isinstance(data, dict):
+                value = cast("dict[str, Any]", data).get("version")
+                if isinstance(value, str):
+                    version.append(value)
+
+        health: Health
+        with anyio.move_on_after(probe_timeout) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(get_tags)
+                tg.start_soon(get_version)
+        now = self.now()
+        if scope.cancelled_caught and not tags and not failure:
+            health = Health.down(url, f"probe timed out after {probe_timeout:g}s", checked_at=now)
+        elif failure or not tags:
+            health = Health.down(url, failure[0] if failure else "probe failed", checked_at=now)
+        else:
+            health = Health.ok(
+                url,
+                checked_at=now,
+                latency=now - started,
+                version=version[0] if version else None,
+                models=_model_names(tags.get("models")),
+            )
+        self.cache.put(health)
+        if not health.up:
+            logger.warning("Ollama server %s is down: %s", url, health.error)
+        return health
+
+    async def _probe_once(self, url: str) -> None:
+        """Probe ``url``, or wait for a probe of it that is already running."""
+        running = self._inflight.get(url)
+        if running is not None:
+            await running.wait()
+            return
+        done = anyio.Event()
+        self._inflight[url] = done
+        try:
+            await self.probe(url)
+        finally:
+            del self._inflight[url]
+            done.set()
+
+    async def health(
+        self, candidates: Sequence[str], model: str | None, *, fresh: bool = False
+    ) -> dict[str, Health]:
+        """Health of ``candidates``, probing stale ones concurrently.
+
+        Unless ``fresh`` is set, probing stops as soon as the first choice is
+        settled: a server that is up and lists the model, with every server
+        preferred over it already known.
+        """
+        now = self.now()
+        known: dict[str, Health] = {}
+        if not fresh:
+            for url in candidates:
+                entry = self.cache.get(url, now)
+                if entry is not None:
+                    known[url] = entry
+            if decided(candidates, known, model):
+                return known
+        stale = [u for u in candidates if u not in known]
+
+        async with anyio.create_task_group() as tg:
+
+            async def run(url: str) -> None:
+                await self._probe_once(url)
+                entry = self.cache.get(url, self.now())
+                if entry is not None:
+                    known[url] = entry
+                if not fresh and decided(candidates, known, model):
+                    tg.cancel_scope.cancel()
+
+            for url in stale:
+                tg.start_soon(run, url)
+        return known
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        self._closed = True
+        clients = list(self._clients.values())
+        self._clients.clear()
+        with anyio.CancelScope(shield=True):
+            for client in clients:
+                await client.aclose()
+
+
+def _model_names(models: object) -> list[str]:
+    names: list[str] = []
+    if isinstance(models, list):
+        for item in cast("list[object]", models):
+            if isinstance(item, dict):
+                entry = cast("dict[str, Any]", item)
+                name = entry.get("model") or entry.get("name")
+                if isinstance(name, str):
+                    names.append(name)
+    return names

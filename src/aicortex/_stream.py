@@ -1,0 +1,389 @@
+"""``AsyncStream``: the typed events of one streamed chat, read as they arrive."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any
+
+import anyio
+import httpx
+
+from ._events import EventType, Stats, StreamEvent, ToolCall
+from ._exceptions import CortexTimeoutError, StreamError
+from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
+
+__all__ = ["AsyncStream", "StartFailed"]
+
+_TOKEN = EventType.TOKEN
+_decode = json.JSONDecoder().decode
+
+# Stream states.
+_NEW, _RUNNING, _FINISHING, _FINISHED, _FAILED, _CLOSED = range(6)
+
+
+class StartFailed(Exception):
+    """The stream broke before its first token: the caller may try another server."""
+
+    def __init__(self, reason: str, *, timeout: CortexTimeoutError | None = None) -> None:
+        self.reason = reason
+        self.timeout = timeout
+        super().__init__(reason)
+
+
+class AsyncStream:
+    """The events of one streamed chat, as an async iterator.
+
+    Yields one ``START`` event, ``TOKEN`` events as chunks arrive, then ``END``.
+    If the server fails after the first token it yields an ``ERROR`` event and
+    the next step raises :class:`~aicortex.StreamError` with the partial text.
+
+    Use it as an async context manager (or call :meth:`aclose`) so that leaving
+    early closes the connection at once::
+
+        async with await cortex.chat("Tell me a story", stream=True) as stream:
+            async for event in stream:
+                if event.type is EventType.TOKEN:
+                    print(event.content, end="")
+
+    ``await stream.text()`` returns the whole text, whether called before,
+    during or after iterating. After the end, :attr:`thinking`,
+    :attr:`tool_calls`, :attr:`stats` and :attr:`done_reason` hold the rest.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        *,
+        model: str,
+        server: str,
+        deadline: float | None = None,
+        total: float | None = None,
+        idle: float | None = None,
+        on_failure: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._response = response
+        # Without a content-encoding the raw byte stream is the body: reading it
+        # directly skips two generator layers per chunk on the hot path.
+        raw = response.stream
+        self._chunks: AsyncIterator[bytes]
+        if isinstance(raw, httpx.AsyncByteStream) and response.headers.get(
+            "content-encoding", "identity"
+        ) in ("identity", ""):
+            self._chunks = raw.__aiter__()
+        else:
+            self._chunks = response.aiter_bytes()
+        self._model = model
+        self._server = server
+        self._deadline = deadline
+        self._total = total
+        self._idle = idle
+        self._on_failure = on_failure
+        self._lines: list[bytes] = []
+        self._pos = 0
+        self._tail = b""
+        self._parts: list[str] = []
+        self._thinking: list[str] = []
+        self._tool_calls: list[ToolCall] = []
+        self._index = 0
+        self._state = _NEW
+        self._end: StreamEvent | None = None
+        self._error: StreamError | None = None
+        self._stats: Stats | None = None
+        self._done_reason: str | None = None
+
+    # -- public surface ------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        """The model that answers."""
+        return self._model
+
+    @property
+    def server(self) -> str:
+        """The base URL of the server that answers."""
+        return self._server
+
+    @property
+    def thinking(self) -> str:
+        """The thinking text received so far."""
+        return "".join(self._thinking)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls received so far."""
+        return list(self._tool_calls)
+
+    @property
+    def stats(self) -> Stats | None:
+        """Token counts and timings, once the stream has ended."""
+        return self._stats
+
+    @property
+    def done_reason(self) -> str | None:
+        """Why generation stopped (``stop``, ``length``, ...), once it has."""
+        return self._done_reason
+
+    @property
+    def partial_text(self) -> str:
+        """The text received so far."""
+        return "".join(self._parts)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has been released (finished, failed or closed)."""
+        return self._state in (_FINISHED, _FAILED, _CLOSED)
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        state = self._state
+        if state == _RUNNING:
+            event = await self._next_token()
+            if event is not None:
+                if self._state == _FAILED:
+                    await self._release()
+                return event
+            state = self._state
+        if state == _NEW:
+            self._state = _RUNNING
+            return StreamEvent(EventType.START, self._model, self._server)
+        if state == _FINISHING:
+            self._state = _FINISHED
+            await self._release(drain=True)
+            assert self._end is not None
+            return self._end
+        if state == _FAILED:
+            assert self._error is not None
+            raise self._error
+        raise StopAsyncIteration
+
+    async def text(self) -> str:
+        """The whole text. Reads the rest of the stream first if needed.
+
+        Raises :class:`~aicortex.StreamError` if the stream failed, or was closed
+        before it finished.
+        """
+        if self._state in (_NEW, _RUNNING, _FINISHING):
+            async for _ in self:
+                pass
+        if self._error is not None:
+            raise self._error
+        if self._state == _CLOSED and self._end is None:
+            raise StreamError(
+                "The stream was closed before it finished; its text is incomplete.",
+                partial_text=self.partial_text,
+                server=self._server,
+                model=self._model,
+            )
+        return "".join(self._parts)
+
+    async def aclose(self) -> None:
+        """Stop reading and close the connection now (the server sees the disconnect)."""
+        if self._state in (_NEW, _RUNNING, _FINISHING):
+            self._state = _CLOSED
+        await self._release()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        states = ["new", "running", "finishing", "finished", "failed", "closed"]
+        return f"<AsyncStream model={self._model!r} server={self._server!r} {states[self._state]}>"
+
+    # -- reading -------------------------------------------------------------
+
+    async def _prime(self) -> None:
+        """Read until the first chunk has arrived (used before handing out the stream).
+
+        Raises :class:`StartFailed` when the server fails before that, so the
+        caller can move on to another server without anything being lost.
+        """
+        while True:
+            while self._pos < len(self._lines) and not self._lines[self._pos].strip():
+                self._pos += 1
+            if self._pos < len(self._lines):
+                break
+            try:
+                more = await self._read()
+            except _ReadFailed as exc:
+                raise StartFailed(
+                    f"{exc.reason} before the first token", timeout=exc.timeout
+                ) from None
+            if not more:
+                raise StartFailed("closed the connection before the first token")
+        line = self._lines[self._pos]
+        try:
+            obj = decode_line(line)
+        except BadChunk as exc:
+            raise StartFailed(str(exc)) from None
+        error = obj.get("error")
+        if error:
+            raise StartFailed(f"failed before the first token: {error}")
+
+    async def _read(self) -> bool:
+        """Read the next network chunk into ``_lines``; False at the end of the body."""
+        try:
+            if self._deadline is None:
+                chunk = await self._chunks.__anext__()
+            else:
+                with anyio.fail_after(max(self._deadline - anyio.current_time(), 0)):
+                    chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            if self._tail.strip():
+                self._lines, self._pos, self._tail = [self._tail], 0, b""
+                return True
+            return False
+        except TimeoutError:
+            total = self._total if self._total is not None else 0.0
+            timeout = CortexTimeoutError("total", total, server=self._server)
+            raise _ReadFailed(str(timeout), timeout) from None
+        except httpx.ReadTimeout:
+            idle = self._idle if self._idle is not None else 0.0
+            timeout = CortexTimeoutError("idle", idle, server=self._server)
+            raise _ReadFailed(f"no data for {idle:g}s", timeout) from None
+        except httpx.RemoteProtocolError:
+            raise _ReadFailed("the connection was cut mid-response") from None
+        except httpx.HTTPError as exc:
+            raise _ReadFailed(f"the connection failed ({type(exc).__name__}: {exc})") from None
+        lines = (self._tail + chunk).split(b"\n")
+        self._tail = lines.pop()
+        self._lines = lines
+        self._pos = 0
+        return True
+
+    async def _next_token(self) -> StreamEvent | None:
+        """The next TOKEN event; None when the state changed (end or failure)."""
+        while True:
+            lines = self._lines
+            pos = self._pos
+            while pos < len(lines):
+                line = lines[pos]
+                pos += 1
+                if not line or line.isspace():
+                    continue
+                self._pos = pos
+                try:
+                    obj: dict[str, Any] = _decode(line.decode())
+                    message = obj.get("message")
+                    if message is not None:
+                        content = message.get("content") or ""
+                        thinking = message.get("thinking")
+                        calls = (
+                            tool_calls_from_message(message) if message.get("tool_calls") else ()
+                        )
+                    else:
+                        # /api/generate-shaped chunks carry the text in "response".
+                        content = obj.get("response") or ""
+                        thinking = obj.get("thinking")
+                        calls = ()
+                    if obj.get("error"):
+                        return self._fail(f"the server reported an error: {obj['error']}")
+                    done = obj.get("done") is True
+                except (ValueError, AttributeError, TypeError):
+                    try:
+                        decode_line(line)
+                    except BadChunk as exc:
+                        return self._fail(str(exc))
+                    return self._fail("the server sent a chunk that is not a chat response")
+                if done:
+                    self._finish(obj)
+                if content or thinking or calls:
+                    if content:
+                        self._parts.append(content)
+                    if thinking:
+                        self._thinking.append(thinking)
+                    if calls:
+                        self._tool_calls.extend(calls)
+                    index = self._index
+                    self._index = index + 1
+                    return StreamEvent(
+                        _TOKEN,
+                        self._model,
+                        self._server,
+                        content,
+                        index,
+                        False,
+                        thinking or None,
+                        calls,
+                        None,
+                        None,
+                        None,
+                        obj,
+                    )
+                if done:
+                    return None
+            self._pos = pos
+            try:
+                more = await self._read()
+            except _ReadFailed as exc:
+                return self._fail(exc.reason, exc.timeout)
+            if not more:
+                return self._fail("the response ended without a final done chunk")
+
+    def _finish(self, obj: dict[str, Any]) -> None:
+        stats = stats_from_chunk(obj)
+        reason = obj.get("done_reason")
+        self._stats = stats
+        self._done_reason = reason if isinstance(reason, str) else None
+        self._end = StreamEvent(
+            EventType.END,
+            self._model,
+            self._server,
+            done=True,
+            done_reason=self._done_reason,
+            stats=stats,
+            raw=obj,
+        )
+        self._state = _FINISHING
+
+    def _fail(self, reason: str, timeout: CortexTimeoutError | None = None) -> StreamEvent:
+        partial = "".join(self._parts)
+        message = (
+            f"The stream from {self._server} broke after {self._index} tokens: {reason}. "
+            "The partial text is in .partial_text; retry the request to get a full answer."
+        )
+        error = StreamError(message, partial_text=partial, server=self._server, model=self._model)
+        if timeout is not None:
+            error.__cause__ = timeout
+        self._error = error
+        self._state = _FAILED
+        if self._on_failure is not None:
+            self._on_failure(self._server, reason)
+        return StreamEvent(
+            EventType.ERROR,
+            self._model,
+            self._server,
+            done=True,
+            error=message,
+        )
+
+    async def _release(self, *, drain: bool = False) -> None:
+        """Give the connection back: after a clean end, read the (empty) rest of the
+        body so the connection can be reused; otherwise close it."""
+        with anyio.CancelScope(shield=True):
+            if drain:
+                with anyio.move_on_after(1.0):
+                    try:
+                        async for _ in self._chunks:
+                            pass
+                    except httpx.HTTPError:
+                        pass
+            await self._response.aclose()
+
+
+class _ReadFailed(Exception):
+    def __init__(self, reason: str, timeout: CortexTimeoutError | None = None) -> None:
+        self.reason = reason
+        self.timeout = timeout
+        super().__init__(reason)

@@ -1,0 +1,503 @@
+"""The blocking twin: ``Cortex`` and ``Stream``, driving an ``AsyncCortex`` through a portal.
+
+One event loop runs in a daemon thread per :class:`Cortex` and owns its
+``AsyncCortex`` (and so its connection pools). Blocking calls hand coroutines to
+that loop, so they work from any thread, including one that already runs an
+event loop (a notebook cell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, Future
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.from_thread import BlockingPortal
+
+from ._catalog import Catalog, ModelInfo, ServerEntry
+from ._client import ApiRequest, AsyncCortex, Prompt
+from ._config import DEFAULT_HEALTH_TTL, Timeout
+from ._events import Stats, StreamEvent, ToolCall
+from ._exceptions import StreamError
+from ._health import ServerInfo
+from ._stream import AsyncStream
+
+__all__ = ["Cortex", "Stream"]
+
+T = TypeVar("T")
+
+_BATCH = 512  # events the loop may read ahead of a blocking consumer
+
+
+class _PortalThread:
+    """An event loop in a daemon thread and a portal into it."""
+
+    def __init__(self, backend: str) -> None:
+        ready: Future[BlockingPortal] = Future()
+
+        async def main() -> None:
+            async with BlockingPortal() as portal:
+                ready.set_result(portal)
+                await portal.sleep_until_stopped()
+
+        def run() -> None:
+            try:
+                anyio.run(main, backend=backend)
+            except BaseException as exc:  # pragma: no cover - loop failed to start
+                if not ready.done():
+                    ready.set_exception(exc)
+
+        self._thread = threading.Thread(target=run, name="aicortex-portal", daemon=True)
+        self._thread.start()
+        self.portal = ready.result()
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already stopped
+            self.portal.call(self.portal.stop, True)
+        self._thread.join(timeout=10)
+
+
+class Cortex:
+    """The blocking twin of :class:`~aicortex.AsyncCortex`: same methods, same arguments.
+
+    Safe to share between threads; use it as a context manager or call
+    :meth:`close`. ``backend`` picks the event loop that runs it in the background
+    (``"asyncio"`` or ``"trio"``)::
+
+        with Cortex(servers=["http://gpu-box:11434"]) as cortex:
+            print(cortex.chat("Why is the sky blue?", model="llama3.2:3b"))
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[str] | str | None = None,
+        *,
+        model: str | None = None,
+        timeout: Timeout | None = None,
+        health_ttl: float = DEFAULT_HEALTH_TTL,
+        fallback: bool = True,
+        headers: Mapping[str, str] | None = None,
+        catalog: Catalog | None = None,
+        backend: Literal["asyncio", "trio"] = "asyncio",
+    ) -> None:
+        self._async = AsyncCortex(
+            servers,
+            model=model,
+            timeout=timeout,
+            health_ttl=health_ttl,
+            fallback=fallback,
+            headers=headers,
+            catalog=catalog,
+        )
+        self._lock = threading.Lock()
+        self._loop: _PortalThread | None = _PortalThread(backend)
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _portal(self) -> BlockingPortal:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("This Cortex is closed; create a new one.")
+        return loop.portal
+
+    def _run(self, func: Callable[[], Awaitable[T]]) -> T:
+        """Run ``func()`` on the loop and wait; Ctrl-C (or any interruption) cancels it."""
+        future = self._portal().start_task_soon(func)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every connection and stop the background loop. Safe to call twice."""
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        try:
+            loop.portal.call(self._async.aclose)
+        finally:
+            loop.stop()
+
+    @property
+    def closed(self) -> bool:
+        return self._loop is None
+
+    def __enter__(self) -> Cortex:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Cortex servers={self._async.servers!r}>"
+
+    @property
+    def servers(self) -> list[str]:
+        """The configured servers, normalised, in preference order."""
+        return self._async.servers
+
+    @property
+    def timeout(self) -> Timeout:
+        """The default timeouts of this client."""
+        return self._async.timeout
+
+    @property
+    def catalog(self) -> Catalog:
+        """The model catalog this client uses."""
+        return self._async.catalog
+
+    # -- chat ----------------------------------------------------------------
+
+    @overload
+    def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> str: ...
+
+    @overload
+    def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> Stream: ...
+
+    @overload
+    def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: bool,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> str | Stream: ...
+
+    def chat(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> str | Stream:
+        """Blocking :meth:`AsyncCortex.chat`: the text, or a :class:`Stream` if ``stream=True``."""
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "server_url": server_url,
+            "system": system,
+            "options": options,
+            "format": format,
+            "tools": tools,
+            "images": images,
+            "think": think,
+            "keep_alive": keep_alive,
+            "timeout": timeout,
+        }
+        if stream:
+
+            async def opener() -> AsyncStream:
+                return await self._async.chat(prompt, stream=True, **kwargs)
+
+            return Stream(self._portal(), opener)
+        return self._run(functools.partial(self._async.chat, prompt, stream=False, **kwargs))
+
+    # -- live information ----------------------------------------------------
+
+    def server_info(self, model: str | None = None, server_url: str | None = None) -> ServerInfo:
+        """Blocking :meth:`AsyncCortex.server_info`."""
+        return self._run(functools.partial(self._async.server_info, model, server_url))
+
+    def probe_servers(
+        self, model: str | None = None, *, server_url: str | None = None
+    ) -> list[ServerInfo]:
+        """Blocking :meth:`AsyncCortex.probe_servers`."""
+        return self._run(functools.partial(self._async.probe_servers, model, server_url=server_url))
+
+    # -- offline helpers (no I/O, so no trip through the loop) ---------------
+
+    def build_api_request(
+        self,
+        model: str,
+        prompt: Prompt,
+        *,
+        stream: bool = True,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+    ) -> ApiRequest:
+        """See :meth:`AsyncCortex.build_api_request`."""
+        return self._async.build_api_request(
+            model,
+            prompt,
+            stream=stream,
+            server_url=server_url,
+            system=system,
+            options=options,
+            format=format,
+            tools=tools,
+            images=images,
+            think=think,
+            keep_alive=keep_alive,
+        )
+
+    def default_model(self) -> str:
+        """See :meth:`AsyncCortex.default_model`."""
+        return self._async.default_model()
+
+    def candidates(self, model: str | None = None, server_url: str | None = None) -> list[str]:
+        """See :meth:`AsyncCortex.candidates`."""
+        return self._async.candidates(model, server_url)
+
+    def families(self) -> list[str]:
+        """Model families in the catalog."""
+        return self._async.families()
+
+    def models(self, family: str | None = None) -> list[str]:
+        """Model names in the catalog, optionally of one family."""
+        return self._async.models(family)
+
+    def model_info(self, model: str) -> ModelInfo:
+        """Catalog facts about ``model``."""
+        return self._async.model_info(model)
+
+    def model_servers(self, model: str) -> list[ServerEntry]:
+        """The servers the catalog lists for ``model``."""
+        return self._async.model_servers(model)
+
+    def llm_params(self, model: str) -> dict[str, int | float]:
+        """The catalog's default generation parameters for ``model``."""
+        return self._async.llm_params(model)
+
+    def random_llm_params(self, model: str, seed: int | None = None) -> dict[str, int | float]:
+        """Generation parameters drawn within the catalog's ranges; same seed, same result."""
+        return self._async.random_llm_params(model, seed=seed)
+
+
+class _End:
+    """Marks the end of the events (``error`` set when the stream raised)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def _closed_error(stream: AsyncStream | None) -> StreamError:
+    return StreamError(
+        "The Cortex was closed while the stream was being read.",
+        partial_text=stream.partial_text if stream is not None else "",
+        server=stream.server if stream is not None else None,
+        model=stream.model if stream is not None else None,
+    )
+
+
+class Stream:
+    """The blocking twin of :class:`~aicortex.AsyncStream`.
+
+    Iterate it for :class:`StreamEvent` objects as they arrive. Leaving early —
+    ``break``, :meth:`close`, or the end of a ``with`` block — closes the
+    connection at once. ``text()`` returns the whole text whether called
+    before, during or after iterating.
+    """
+
+    def __init__(
+        self, portal: BlockingPortal, opener: Callable[[], Awaitable[AsyncStream]]
+    ) -> None:
+        self._portal = portal
+        # Events cross from the loop thread to the caller's thread through a
+        # SimpleQueue: put() never blocks the loop, get() blocks only the caller.
+        self._queue: queue.SimpleQueue[StreamEvent | _End] = queue.SimpleQueue()
+        self._taken = 0
+        self._finished = False
+        self._scope: anyio.CancelScope | None = None
+        # The pump task owns the AsyncStream for its whole life, so cancel
+        # scopes and the connection stay in one task. Errors before the first
+        # token (no server, unknown model) are raised here, like the async API.
+        self._task, self._stream = portal.start_task(self._pump, opener)
+
+    async def _pump(
+        self,
+        opener: Callable[[], Awaitable[AsyncStream]],
+        *,
+        task_status: TaskStatus[AsyncStream],
+    ) -> None:
+        put = self._queue.put
+        end = _End()
+        stream: AsyncStream | None = None
+        scope = self._scope = anyio.CancelScope()
+        try:
+            with scope:
+                stream = await opener()
+                async with stream:
+                    task_status.started(stream)
+                    produced = 0
+                    async for event in stream:
+                        put(event)
+                        produced += 1
+                        # Read ahead at most _BATCH events of a slow consumer.
+                        # A short poll: it costs nothing while the consumer keeps up,
+                        # and waking the loop from the consumer's thread would.
+                        while produced - self._taken > _BATCH:  # noqa: ASYNC110
+                            await anyio.sleep(0.001)
+        except anyio.get_cancelled_exc_class():
+            # Not our own close(): the Cortex was closed under a reader.
+            end = _End(_closed_error(stream))
+            raise
+        except Exception as exc:
+            end = _End(exc)
+            if stream is None:
+                raise  # raised to the caller by start_task
+        finally:
+            if scope.cancelled_caught and not self._finished:
+                end = _End(_closed_error(stream))
+            put(end)
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        try:
+            while True:
+                try:
+                    yield self.__next__()
+                except StopIteration:
+                    return
+        finally:
+            if not self._finished:
+                self.close()
+
+    def __next__(self) -> StreamEvent:
+        if self._finished:
+            raise StopIteration
+        try:
+            item = self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, _End):
+            self._finished = True
+            self._wait_pump()
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        self._taken += 1
+        return item
+
+    def _wait_pump(self) -> None:
+        with contextlib.suppress(CancelledError):
+            self._task.result(timeout=10)
+
+    def text(self) -> str:
+        """The whole text; reads the rest of the stream first if needed."""
+        for _ in self:
+            pass
+        return self._portal.call(self._stream.text)
+
+    def close(self) -> None:
+        """Stop reading and close the connection now. Safe to call twice."""
+        self._finished = True
+        if not self._task.done():
+            scope = self._scope
+            if scope is not None:
+                # RuntimeError: the loop is gone, and the connection with it.
+                with contextlib.suppress(RuntimeError):
+                    self._portal.call(scope.cancel)
+        self._wait_pump()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def model(self) -> str:
+        return self._stream.model
+
+    @property
+    def server(self) -> str:
+        return self._stream.server
+
+    @property
+    def thinking(self) -> str:
+        return self._stream.thinking
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self._stream.tool_calls
+
+    @property
+    def stats(self) -> Stats | None:
+        return self._stream.stats
+
+    @property
+    def done_reason(self) -> str | None:
+        return self._stream.done_reason
+
+    @property
+    def partial_text(self) -> str:
+        return self._stream.partial_text
+
+    def __repr__(self) -> str:
+        return f"<Stream model={self.model!r} server={self.server!r}>"
