@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypedDict, overload
+from typing import Any, Literal, TypedDict, cast, overload
 
 import anyio
 import httpx
@@ -85,11 +85,8 @@ class AsyncCortex:
         self._timeout = timeout if timeout is not None else Timeout()
         if not isinstance(self._timeout, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError("timeout must be an aicortex.Timeout.")
-        if (
-            isinstance(health_ttl, bool)
-            or not isinstance(health_ttl, (int, float))
-            or health_ttl < 0
-        ):  # pyright: ignore[reportUnnecessaryIsInstance]
+        ttl = cast(object, health_ttl)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0:
             raise ValidationError(
                 f"health_ttl must be a number of seconds >= 0, not {health_ttl!r}."
             )
@@ -241,6 +238,7 @@ class AsyncCortex:
         that is already connected (its first token has arrived). Failures before
         the first token move on to the next server; see the README for the rules.
         """
+        self._router.check_open()
         model = model or self.default_model()
         body = build_chat_body(
             model,
@@ -405,6 +403,7 @@ class AsyncCortex:
         self, model: str | None = None, *, server_url: str | None = None
     ) -> list[ServerInfo]:
         """Probe every candidate server for ``model`` now, concurrently."""
+        self._router.check_open()
         candidates = self.candidates(model, server_url)
         health = await self._router.health(candidates, model, fresh=True)
         return [ServerInfo.from_health(health[url], model) for url in candidates if url in health]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import anyio
@@ -36,10 +37,15 @@ def describe_error(exc: BaseException, timeout: Timeout) -> str:
     if isinstance(exc, httpx.ConnectTimeout):
         return f"connect timed out after {timeout.connect:g}s"
     if isinstance(exc, httpx.ConnectError):
-        text = str(exc) or "cannot connect"
-        if "refused" in text.lower() or "errno 111" in text.lower():
+        causes = list(_causes(exc))
+        if any(isinstance(c, ConnectionRefusedError) for c in causes):
             return "connection refused"
-        return f"cannot connect ({text})"
+        if any(isinstance(c, socket.gaierror) for c in causes):
+            return "cannot resolve the host name"
+        for cause in reversed(causes):
+            if isinstance(cause, OSError) and cause.strerror:
+                return f"cannot connect ({cause.strerror})"
+        return f"cannot connect ({exc})"
     if isinstance(exc, httpx.ReadTimeout):
         return "read timed out"
     if isinstance(exc, httpx.RemoteProtocolError):
@@ -49,6 +55,26 @@ def describe_error(exc: BaseException, timeout: Timeout) -> str:
     if isinstance(exc, httpx.HTTPError):
         return f"{type(exc).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything it was raised from, exception groups included."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        grouped: object = getattr(current, "exceptions", None)  # an exception group
+        if isinstance(grouped, tuple):
+            todo.extend(
+                e for e in cast("tuple[object, ...]", grouped) if isinstance(e, BaseException)
+            )
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                todo.append(linked)
 
 
 class Router:
@@ -79,10 +105,13 @@ class Router:
     def closed(self) -> bool:
         return self._closed
 
-    def client(self, url: str) -> httpx.AsyncClient:
-        """The pooled client for ``url``, created on first use."""
+    def check_open(self) -> None:
         if self._closed:
             raise RuntimeError("This AsyncCortex is closed; create a new one.")
+
+    def client(self, url: str) -> httpx.AsyncClient:
+        """The pooled client for ``url``, created on first use."""
+        self.check_open()
         client = self._clients.get(url)
         if client is None:
             t = self.timeout
@@ -116,7 +145,7 @@ class Router:
         async def get_tags() -> None:
             try:
                 response = await client.get(TAGS_PATH)
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # a probe reports; it never raises
                 failure.append(describe_error(exc, self.timeout))
                 return
             if response.status_code != 200:
@@ -135,7 +164,7 @@ class Router:
             try:
                 response = await client.get(VERSION_PATH)
                 data = response.json() if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError):
+            except Exception:  # the version is optional
                 return
             if isinstance(data, dict):
                 value = cast("dict[str, Any]", data).get("version")
