@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 
 from aicortex import (
     AsyncCortex,
+    Catalog,
     CortexTimeoutError,
     ModelNotFoundError,
     ServerError,
@@ -307,14 +310,11 @@ async def test_candidates_follow_the_documented_preference_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Configured servers, then the catalog's servers for the model, then OLLAMA_HOST."""
-    monkeypatch.setenv("OLLAMA_HOST", "ollama-box")
     client = AsyncCortex(["gpu:1", "http://cpu:2"])
-    assert client.candidates(MODEL) == [
-        "http://gpu:1",
-        "http://cpu:2",
-        "http://localhost:11434",
-        "http://ollama-box:11434",
-    ]
+    assert client.candidates(MODEL) == ["http://gpu:1", "http://cpu:2", "http://127.0.0.1:11434"]
+    # The catalog's local entry stands for this machine's default server, OLLAMA_HOST.
+    monkeypatch.setenv("OLLAMA_HOST", "ollama-box")
+    assert client.candidates(MODEL) == ["http://gpu:1", "http://cpu:2", "http://ollama-box:11434"]
     assert AsyncCortex(["gpu:1"], fallback=False).candidates(MODEL) == ["http://gpu:1"]
     monkeypatch.setenv("AICORTEX_SERVERS", "a:1, b:2")
     assert AsyncCortex(fallback=False).servers == ["http://a:1", "http://b:2"]
@@ -384,3 +384,52 @@ async def test_cancelling_a_chat_drops_the_request(fake_ollama: FakeOllamaFactor
         with anyio.move_on_after(0.3):
             await client.chat("hi", model=MODEL)
         assert await anyio.to_thread.run_sync(server.wait_for_disconnect, 2.0)
+
+
+async def test_a_zero_ttl_probes_before_every_call(fake_ollama: FakeOllamaFactory) -> None:
+    """health_ttl=0 means never trust an old probe, not never trust any probe."""
+    server = fake_ollama()
+    async with cortex(server.url, health_ttl=0) as client:
+        assert await client.chat("one", model=MODEL) == "Hello!"
+        assert await client.chat("two", model=MODEL) == "Hello!"
+        info = await client.server_info(MODEL)
+    assert info.up
+    assert server.count("/api/tags") == 3
+
+
+async def test_the_callers_deadline_does_not_mark_a_server_down(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """A total timeout is the caller's limit: the server stays in use for the next call."""
+    server = fake_ollama(chat=[reply(["a"] * 50, delay=0.05), reply("next")])
+    async with cortex(server.url, health_ttl=30) as client:
+        with pytest.raises(CortexTimeoutError):
+            await client.chat("slow", model=MODEL, timeout=Timeout(total=0.3, probe=0.5))
+        assert await client.chat("again", model=MODEL) == "next"
+
+
+async def test_catalog_servers_are_used_when_none_are_configured(
+    fake_ollama: FakeOllamaFactory, tmp_path: Path
+) -> None:
+    """With no servers configured, the catalog's servers for the model are tried first."""
+    server = fake_ollama(models=["tiny:1b"], chat=reply("from the catalog"))
+    family = {
+        "family": "tiny",
+        "models": [
+            {
+                "name": "tiny:1b",
+                "family": "tiny",
+                "size": "1GB",
+                "parameters": "1B",
+                "quantization": "Q4_K_M",
+                "context_length": 2048,
+                "description": "A test model.",
+                "tags": [],
+                "servers": [{"url": server.url, "status": "up"}],
+            }
+        ],
+    }
+    (tmp_path / "tiny.json").write_text(json.dumps(family))
+    async with AsyncCortex(catalog=Catalog(tmp_path), timeout=QUICK) as client:
+        assert client.candidates("tiny:1b") == [server.url, "http://127.0.0.1:11434"]
+        assert await client.chat("hi", model="tiny:1b") == "from the catalog"

@@ -8,6 +8,7 @@ Importing the package is cheap: the HTTP stack, pydantic and the catalog load
 on first use of a name that needs them.
 """
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ._config import Timeout as Timeout
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from ._stream import AsyncStream as AsyncStream
     from ._sync import Cortex as Cortex
     from ._sync import Stream as Stream
+
+# A library logs; the application decides where it goes. Nothing is printed.
+logging.getLogger("aicortex").addHandler(logging.NullHandler())
 
 _LAZY = {
     "build_api_request": "_api",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import threading
 from collections.abc import Mapping, Sequence
+from os import PathLike
 from typing import Any, Literal, overload
 
 from ._catalog import ModelInfo, ServerEntry, default_catalog
@@ -55,7 +56,7 @@ def chat(
     options: Mapping[str, Any] | None = None,
     format: str | Mapping[str, Any] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes] | None = None,
+    images: Sequence[str | bytes | PathLike[str]] | None = None,
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
@@ -73,7 +74,7 @@ def chat(
     options: Mapping[str, Any] | None = None,
     format: str | Mapping[str, Any] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes] | None = None,
+    images: Sequence[str | bytes | PathLike[str]] | None = None,
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
@@ -91,7 +92,7 @@ def chat(
     options: Mapping[str, Any] | None = None,
     format: str | Mapping[str, Any] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes] | None = None,
+    images: Sequence[str | bytes | PathLike[str]] | None = None,
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
@@ -108,7 +109,7 @@ def chat(
     options: Mapping[str, Any] | None = None,
     format: str | Mapping[str, Any] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes] | None = None,
+    images: Sequence[str | bytes | PathLike[str]] | None = None,
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
@@ -145,7 +146,7 @@ def build_api_request(
     options: Mapping[str, Any] | None = None,
     format: str | Mapping[str, Any] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes] | None = None,
+    images: Sequence[str | bytes | PathLike[str]] | None = None,
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
 ) -> ApiRequest:

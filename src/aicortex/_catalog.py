@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
@@ -62,7 +62,7 @@ _CUTOFF = 0.6  # difflib.get_close_matches' default
 class ServerEntry(BaseModel):
     """A server known to host a model; ``status`` is the last known state, not live."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
 
     url: str
     status: Literal["up", "down", "unknown"] = "unknown"
@@ -75,7 +75,7 @@ class ParamRange(BaseModel):
     ``min`` and ``max`` must be integers too.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
 
     default: StrictInt | StrictFloat
     min: StrictInt | StrictFloat
@@ -104,7 +104,7 @@ class ParamRange(BaseModel):
 class ModelInfo(BaseModel):
     """Everything the catalog knows about one model tag, e.g. ``llama3.2:3b``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1)
     family: str = Field(min_length=1)
@@ -132,7 +132,7 @@ class ModelInfo(BaseModel):
 class FamilyFile(BaseModel):
     """One ``metadata/<family>.json`` file."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
 
     family: str = Field(min_length=1)
     models: list[ModelInfo]

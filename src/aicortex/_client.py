@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, TypedDict, cast, overload
 
@@ -11,7 +12,15 @@ import anyio
 import httpx
 
 from ._catalog import Catalog, ModelInfo, ServerEntry, default_catalog
-from ._config import DEFAULT_HEALTH_TTL, Timeout, env_api_key, env_host, env_model, env_servers
+from ._config import (
+    DEFAULT_HEALTH_TTL,
+    Timeout,
+    env_api_key,
+    env_host,
+    env_model,
+    env_servers,
+    split_servers,
+)
 from ._exceptions import (
     Attempt,
     CortexTimeoutError,
@@ -20,11 +29,11 @@ from ._exceptions import (
     StreamError,
     ValidationError,
 )
-from ._health import ServerInfo, plan_attempts, unique
+from ._health import NOT_PROBED, ServerInfo, plan_attempts, unique
 from ._protocol import CHAT_PATH, Message, build_chat_body, build_messages, classify_status
 from ._router import Router, describe_error
 from ._stream import AsyncStream, StartFailed
-from ._urls import normalize_host
+from ._urls import is_local_default, normalize_host
 
 __all__ = ["ApiRequest", "AsyncCortex"]
 
@@ -52,7 +61,7 @@ def _as_list(servers: Sequence[str] | str | None) -> list[str]:
     if servers is None:
         return []
     if isinstance(servers, str):
-        return [s.strip() for s in servers.split(",") if s.strip()]
+        return split_servers(servers)
     return list(servers)
 
 
@@ -149,15 +158,19 @@ class AsyncCortex:
             return [normalize_host(server_url)]
         urls = list(self._servers)
         if self._fallback or not urls:
+            default = normalize_host(env_host())
             if model is not None:
                 info = self.catalog.find(model)
                 if info is not None:
                     for entry in info.servers:
                         try:
-                            urls.append(normalize_host(entry.url))
+                            url = normalize_host(entry.url)
                         except ValidationError as exc:
                             logger.warning("Skipping catalog server of %s: %s", model, exc)
-            urls.append(normalize_host(env_host()))
+                            continue
+                        # The catalog's "local Ollama" means this machine's default server.
+                        urls.append(default if is_local_default(url) else url)
+            urls.append(default)
         return unique(urls)
 
     # -- chat ----------------------------------------------------------------
@@ -174,7 +187,7 @@ class AsyncCortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -192,7 +205,7 @@ class AsyncCortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -210,7 +223,7 @@ class AsyncCortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -227,7 +240,7 @@ class AsyncCortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -304,7 +317,7 @@ class AsyncCortex:
             url = plan.order[0]
             tried.add(url)
             for skip in skipped:
-                if skip.server not in tried:
+                if skip.server not in tried and skip.reason != NOT_PROBED:
                     logger.warning("Skipping Ollama server %s: %s", skip.server, skip.reason)
             try:
                 return await self._attempt(url, body, model, t, deadline)
@@ -438,7 +451,7 @@ class AsyncCortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
     ) -> ApiRequest:

@@ -14,6 +14,7 @@ __all__ = [
     "env_host",
     "env_model",
     "env_servers",
+    "split_servers",
 ]
 
 DEFAULT_HEALTH_TTL = 60.0
@@ -56,13 +57,14 @@ class Timeout:
                 )
 
 
-def _split(value: str) -> list[str]:
+def split_servers(value: str) -> list[str]:
+    """Servers from a comma- (or semicolon-) separated string."""
     return [part.strip() for part in value.replace(";", ",").split(",") if part.strip()]
 
 
 def env_servers() -> list[str]:
     """Servers from ``AICORTEX_SERVERS`` (comma-separated), or ``[]``."""
-    return _split(os.environ.get("AICORTEX_SERVERS", ""))
+    return split_servers(os.environ.get("AICORTEX_SERVERS", ""))
 
 
 def env_model() -> str | None:

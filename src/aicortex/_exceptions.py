@@ -8,9 +8,13 @@ all of them::
     ├── ServerError             no server could serve the request (``.attempts``)
     ├── ValidationError         bad input; also a ``ValueError``
     ├── StreamError             a stream broke after its first token (``.partial_text``)
-    └── CortexTimeoutError      connect / first-token / idle / total; also a ``TimeoutError``
+    └── CortexTimeoutError      the call's total deadline passed; also a ``TimeoutError``
 
-Programming mistakes (for example iterating a closed stream) raise the usual
+The other limits are part of failover: a connect, first-token or probe timeout
+is one server's reason in ``ServerError.attempts``, and an idle gap after the
+first token is the ``__cause__`` of the ``StreamError`` it ends.
+
+Programming mistakes (for example using a closed client) raise the usual
 built-in exceptions instead.
 """
 
@@ -79,19 +83,11 @@ class ServerError(AICortexError):
     """No server could serve the request.
 
     ``attempts`` lists every server that was considered, in preference order,
-    with the reason it was skipped or failed. ``status_code`` is set when the
-    error comes from one server's HTTP answer that cannot be retried elsewhere.
+    with the reason it was skipped or failed.
     """
 
-    def __init__(
-        self,
-        message: str,
-        attempts: Sequence[Attempt] = (),
-        *,
-        status_code: int | None = None,
-    ) -> None:
+    def __init__(self, message: str, attempts: Sequence[Attempt] = ()) -> None:
         self.attempts: list[Attempt] = list(attempts)
-        self.status_code = status_code
         if self.attempts:
             message += " Tried: " + "; ".join(str(a) for a in self.attempts) + "."
         super().__init__(message)
@@ -129,12 +125,12 @@ class StreamError(AICortexError):
 
 
 class CortexTimeoutError(AICortexError, TimeoutError):
-    """A timeout expired.
+    """A time limit expired.
 
-    ``phase`` says which one: ``connect``, ``first_token`` (waiting for the
-    model's first token, which includes loading the model), ``idle`` (gap
-    between two chunks), ``total`` (the whole call) or ``probe`` (a health
-    probe). ``timeout`` is the limit in seconds.
+    ``phase`` says which one: ``total`` (the whole call; raised to the caller),
+    ``idle`` (gap between two chunks; the cause of a ``StreamError``), or
+    ``connect``, ``first_token`` and ``probe``. ``timeout`` is the limit in
+    seconds and ``server`` the server it happened on, when known.
     """
 
     def __init__(self, phase: TimeoutPhase, timeout: float, *, server: str | None = None) -> None:

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from ._exceptions import Attempt
 from ._protocol import model_key
 
-__all__ = ["Health", "HealthCache", "Plan", "ServerInfo", "plan_attempts", "unique"]
+NOT_PROBED = "not probed"
+
+__all__ = ["NOT_PROBED", "Health", "HealthCache", "Plan", "ServerInfo", "plan_attempts", "unique"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,10 @@ class HealthCache:
             return None
         return entry
 
+    def latest(self, url: str) -> Health | None:
+        """The newest entry for ``url``, however old."""
+        return self._entries.get(url)
+
     def put(self, health: Health) -> None:
         self._entries[health.url] = health
 
@@ -150,7 +156,7 @@ def plan_attempts(
     for url in candidates:
         entry = health.get(url)
         if entry is None:
-            skipped.append(Attempt(url, "not probed"))
+            skipped.append(Attempt(url, NOT_PROBED))
         elif not entry.up:
             skipped.append(Attempt(url, entry.error or "down"))
         elif model is None or entry.has_model(model):

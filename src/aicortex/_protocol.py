@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 from pydantic import BaseModel, ConfigDict
 
@@ -40,7 +40,7 @@ VERSION_PATH = "/api/version"
 class Message(BaseModel):
     """A chat message. Plain ``{"role": ..., "content": ...}`` dicts work too."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config: ClassVar[ConfigDict] = ConfigDict(extra="allow")
 
     role: str
     content: str = ""
@@ -105,7 +105,8 @@ def encode_image(image: object) -> str:
             return payload
         return image
     raise ValidationError(
-        f"An image must be bytes, a base64 string or a file path, not {type(image).__name__}."
+        "An image must be bytes, a base64 string (or data: URI) or a pathlib.Path, "
+        f"not {type(image).__name__}."
     )
 
 

@@ -194,16 +194,16 @@ class Router:
             logger.warning("Ollama server %s is down: %s", url, health.error)
         return health
 
-    async def _probe_once(self, url: str) -> None:
+    async def _probe_once(self, url: str) -> Health | None:
         """Probe ``url``, or wait for a probe of it that is already running."""
         running = self._inflight.get(url)
         if running is not None:
             await running.wait()
-            return
+            return self.cache.latest(url)
         done = anyio.Event()
         self._inflight[url] = done
         try:
-            await self.probe(url)
+            return await self.probe(url)
         finally:
             del self._inflight[url]
             done.set()
@@ -231,8 +231,7 @@ class Router:
         async with anyio.create_task_group() as tg:
 
             async def run(url: str) -> None:
-                await self._probe_once(url)
-                entry = self.cache.get(url, self.now())
+                entry = await self._probe_once(url)
                 if entry is not None:
                     known[url] = entry
                 if not fresh and decided(candidates, known, model):

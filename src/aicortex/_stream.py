@@ -358,7 +358,9 @@ class AsyncStream:
             error.__cause__ = timeout
         self._error = error
         self._state = _FAILED
-        if self._on_failure is not None:
+        # The caller's own deadline says nothing about the server's health.
+        caller_limit = timeout is not None and timeout.phase == "total"
+        if self._on_failure is not None and not caller_limit:
             self._on_failure(self._server, reason)
         return StreamEvent(
             EventType.ERROR,

@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
+from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -176,7 +177,7 @@ class Cortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -194,7 +195,7 @@ class Cortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -212,7 +213,7 @@ class Cortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -229,7 +230,7 @@ class Cortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
@@ -280,7 +281,7 @@ class Cortex:
         options: Mapping[str, Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
     ) -> ApiRequest:

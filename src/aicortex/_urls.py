@@ -6,7 +6,7 @@ import urllib.parse
 
 from ._exceptions import ValidationError
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "normalize_host"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "is_local_default", "normalize_host"]
 
 DEFAULT_PORT = 11434
 DEFAULT_HOST = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -61,3 +61,13 @@ def normalize_host(host: str | None) -> str:
             f"Server URL {host!r} has a query or fragment; give only scheme, host, port and path."
         )
     return f"{scheme}://{hostname}:{explicit_port or port}{path}"
+
+
+_LOOPBACK_DEFAULTS = frozenset(
+    f"http://{host}:{DEFAULT_PORT}" for host in ("localhost", "127.0.0.1", "[::1]")
+)
+
+
+def is_local_default(url: str) -> bool:
+    """Whether a normalised URL is the stock local Ollama (loopback, port 11434)."""
+    return url in _LOOPBACK_DEFAULTS
