@@ -41,8 +41,13 @@ def get_default_cortex() -> Cortex:
     with _lock:
         if _default is None or _default.closed:
             _default = Cortex()
-            atexit.register(_default.close)
         return _default
+
+
+@atexit.register
+def _close_default() -> None:
+    if _default is not None:
+        _default.close()
 
 
 @overload

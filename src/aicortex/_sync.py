@@ -12,6 +12,7 @@ import contextlib
 import functools
 import queue
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from os import PathLike
@@ -19,7 +20,6 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
-from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal
 
 from ._catalog import Catalog, ModelInfo, ServerEntry
@@ -98,6 +98,7 @@ class Cortex:
             catalog=catalog,
         )
         self._lock = threading.Lock()
+        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._loop: _PortalThread | None = _PortalThread(backend)
 
     # -- plumbing ------------------------------------------------------------
@@ -126,6 +127,10 @@ class Cortex:
         if loop is None:
             return
         try:
+            # Streams still being read end with "the Cortex was closed", not
+            # with a connection error blamed on their server.
+            for stream in list(self._streams):
+                stream._cancel()  # pyright: ignore[reportPrivateUsage]
             loop.portal.call(self._async.aclose)
         finally:
             loop.stop()
@@ -253,7 +258,9 @@ class Cortex:
             async def opener() -> AsyncStream:
                 return await self._async.chat(prompt, stream=True, **kwargs)
 
-            return Stream(self._portal(), opener)
+            opened = Stream(self._portal(), opener)
+            self._streams.add(opened)
+            return opened
         return self._run(functools.partial(self._async.chat, prompt, stream=False, **kwargs))
 
     # -- live information ----------------------------------------------------
@@ -369,17 +376,22 @@ class Stream:
         self._queue: queue.SimpleQueue[StreamEvent | _End] = queue.SimpleQueue()
         self._taken = 0
         self._finished = False
+        self._end: _End | None = None
         self._scope: anyio.CancelScope | None = None
         # The pump task owns the AsyncStream for its whole life, so cancel
         # scopes and the connection stay in one task. Errors before the first
-        # token (no server, unknown model) are raised here, like the async API.
-        self._task, self._stream = portal.start_task(self._pump, opener)
+        # token (no server, unknown model) are raised here, like the async API;
+        # an interruption while waiting (Ctrl-C) cancels the request.
+        started: Future[AsyncStream] = Future()
+        self._task = portal.start_task_soon(self._pump, opener, started)
+        try:
+            self._stream = started.result()
+        except BaseException:
+            self._task.cancel()
+            raise
 
     async def _pump(
-        self,
-        opener: Callable[[], Awaitable[AsyncStream]],
-        *,
-        task_status: TaskStatus[AsyncStream],
+        self, opener: Callable[[], Awaitable[AsyncStream]], started: Future[AsyncStream]
     ) -> None:
         put = self._queue.put
         end = _End()
@@ -387,9 +399,16 @@ class Stream:
         scope = self._scope = anyio.CancelScope()
         try:
             with scope:
-                stream = await opener()
+                try:
+                    stream = await opener()
+                except anyio.get_cancelled_exc_class():
+                    started.set_exception(_closed_error(None))
+                    raise
+                except BaseException as exc:
+                    started.set_exception(exc)
+                    return
                 async with stream:
-                    task_status.started(stream)
+                    started.set_result(stream)
                     produced = 0
                     async for event in stream:
                         put(event)
@@ -400,15 +419,14 @@ class Stream:
                         while produced - self._taken > _BATCH:  # noqa: ASYNC110
                             await anyio.sleep(0.001)
         except anyio.get_cancelled_exc_class():
-            # Not our own close(): the Cortex was closed under a reader.
+            # Not our own close(): the loop is shutting down under a reader.
             end = _End(_closed_error(stream))
             raise
         except Exception as exc:
             end = _End(exc)
-            if stream is None:
-                raise  # raised to the caller by start_task
         finally:
             if scope.cancelled_caught and not self._finished:
+                # Cancelled by the Cortex closing, not by this stream's close().
                 end = _End(_closed_error(stream))
             put(end)
 
@@ -433,6 +451,7 @@ class Stream:
             raise
         if isinstance(item, _End):
             self._finished = True
+            self._end = item
             self._wait_pump()
             if item.error is not None:
                 raise item.error
@@ -445,20 +464,36 @@ class Stream:
             self._task.result(timeout=10)
 
     def text(self) -> str:
-        """The whole text; reads the rest of the stream first if needed."""
+        """The whole text; reads the rest of the stream first if needed.
+
+        Raises :class:`~aicortex.StreamError` if the stream failed or was closed
+        before it finished.
+        """
         for _ in self:
             pass
-        return self._portal.call(self._stream.text)
+        end = self._end
+        if end is not None and end.error is not None:
+            raise end.error
+        if end is None:
+            raise StreamError(
+                "The stream was closed before it finished; its text is incomplete.",
+                partial_text=self._stream.partial_text,
+                server=self._stream.server,
+                model=self._stream.model,
+            )
+        return self._stream.partial_text
 
     def close(self) -> None:
         """Stop reading and close the connection now. Safe to call twice."""
         self._finished = True
-        if not self._task.done():
-            scope = self._scope
-            if scope is not None:
-                # RuntimeError: the loop is gone, and the connection with it.
-                with contextlib.suppress(RuntimeError):
-                    self._portal.call(scope.cancel)
+        self._cancel()
+
+    def _cancel(self) -> None:
+        scope = self._scope
+        if scope is not None and not self._task.done():
+            # RuntimeError: the loop is gone, and the connection with it.
+            with contextlib.suppress(RuntimeError):
+                self._portal.call(scope.cancel)
         self._wait_pump()
 
     def __enter__(self) -> Stream:
