@@ -28,13 +28,7 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:
     from ._api import build_api_request as build_api_request
     from ._api import chat as chat
-    from ._api import families as families
     from ._api import get_default_cortex as get_default_cortex
-    from ._api import llm_params as llm_params
-    from ._api import model_info as model_info
-    from ._api import model_servers as model_servers
-    from ._api import models as models
-    from ._api import random_llm_params as random_llm_params
     from ._api import server_info as server_info
     from ._catalog import Catalog as Catalog
     from ._catalog import ModelInfo as ModelInfo
@@ -43,6 +37,12 @@ if TYPE_CHECKING:
     from ._client import ApiRequest as ApiRequest
     from ._client import AsyncCortex as AsyncCortex
     from ._health import ServerInfo as ServerInfo
+    from ._lookup import families as families
+    from ._lookup import llm_params as llm_params
+    from ._lookup import model_info as model_info
+    from ._lookup import model_servers as model_servers
+    from ._lookup import models as models
+    from ._lookup import random_llm_params as random_llm_params
     from ._protocol import Message as Message
     from ._stream import AsyncStream as AsyncStream
     from ._sync import Cortex as Cortex
@@ -54,13 +54,13 @@ logging.getLogger("aicortex").addHandler(logging.NullHandler())
 _LAZY = {
     "build_api_request": "_api",
     "chat": "_api",
-    "families": "_api",
+    "families": "_lookup",
     "get_default_cortex": "_api",
-    "llm_params": "_api",
-    "model_info": "_api",
-    "model_servers": "_api",
-    "models": "_api",
-    "random_llm_params": "_api",
+    "llm_params": "_lookup",
+    "model_info": "_lookup",
+    "model_servers": "_lookup",
+    "models": "_lookup",
+    "random_llm_params": "_lookup",
     "server_info": "_api",
     "Catalog": "_catalog",
     "ModelInfo": "_catalog",

@@ -1,4 +1,4 @@
-"""Module-level blocking functions, on a default :class:`Cortex` created on first use."""
+"""Module-level blocking functions that go online, on a default Cortex made on first use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, overload
 
-from ._catalog import ModelInfo, ServerEntry, default_catalog
 from ._client import ApiRequest, AsyncCortex, Prompt
 from ._config import Timeout
 from ._health import ServerInfo
@@ -17,13 +16,7 @@ from ._sync import Cortex, Stream
 __all__ = [
     "build_api_request",
     "chat",
-    "families",
     "get_default_cortex",
-    "llm_params",
-    "model_info",
-    "model_servers",
-    "models",
-    "random_llm_params",
     "server_info",
 ]
 
@@ -169,33 +162,3 @@ def build_api_request(
         think=think,
         keep_alive=keep_alive,
     )
-
-
-def families() -> list[str]:
-    """Model families in the bundled catalog."""
-    return default_catalog().families()
-
-
-def models(family: str | None = None) -> list[str]:
-    """Model names in the bundled catalog, optionally of one family."""
-    return default_catalog().models(family)
-
-
-def model_info(model: str) -> ModelInfo:
-    """Catalog facts about ``model``; raises :class:`ModelNotFoundError` with suggestions."""
-    return default_catalog().model_info(model)
-
-
-def model_servers(model: str) -> list[ServerEntry]:
-    """The servers the catalog lists for ``model``."""
-    return default_catalog().model_servers(model)
-
-
-def llm_params(model: str) -> dict[str, int | float]:
-    """The catalog's default generation parameters for ``model``."""
-    return default_catalog().llm_params(model)
-
-
-def random_llm_params(model: str, seed: int | None = None) -> dict[str, int | float]:
-    """Generation parameters drawn within the catalog's ranges; same seed, same result."""
-    return default_catalog().random_llm_params(model, seed=seed)
