@@ -174,7 +174,7 @@ def test_server_info_reports_a_refused_server_as_down() -> None:
 
 
 def test_import_aicortex_loads_no_http_stack() -> None:
-    """`import aicortex` imports neither httpx, anyio nor pydantic, and starts no thread."""
+    """`import aicortex` imports no HTTP stack and starts no thread; nor does the catalog."""
     package_root = str(Path(aicortex.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in [package_root, os.environ.get("PYTHONPATH")] if p)
     code = (
@@ -185,9 +185,11 @@ def test_import_aicortex_loads_no_http_stack() -> None:
         "threads = threading.active_count()\n"
         "aicortex.Timeout(first_token=300); aicortex.EventType.TOKEN; aicortex.__version__\n"
         "light = [m for m in heavy if m in sys.modules]\n"
+        "aicortex.models(); aicortex.model_info('llama3.2:3b'); aicortex.llm_params('gemma3:4b')\n"
+        "offline = [m for m in heavy if m in sys.modules]\n"
         "aicortex.Cortex\n"
         "after = [m for m in heavy if m in sys.modules]\n"
-        "print(json.dumps([before, light, after, threads, aicortex.__file__]))\n"
+        "print(json.dumps([before, light, offline, after, threads, aicortex.__file__]))\n"
     )
     result = subprocess.run(
         [sys.executable, "-W", "error", "-c", code],
@@ -197,9 +199,10 @@ def test_import_aicortex_loads_no_http_stack() -> None:
         timeout=60,
         check=True,
     )
-    before, light, after, threads, where = json.loads(result.stdout)
+    before, light, offline, after, threads, where = json.loads(result.stdout)
     assert Path(where).resolve() == Path(aicortex.__file__).resolve()
     assert before == []
     assert light == []  # the eagerly exported names are light too
+    assert offline == ["pydantic"]  # the catalog validates with pydantic, offline
     assert set(after) == {"httpx", "anyio", "pydantic"}  # so the check can see them
     assert threads == 1
