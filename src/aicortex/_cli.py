@@ -1,0 +1,703 @@
+"""The ``aicortex`` command (also ``python -m aicortex``).
+
+::
+
+    aicortex chat PROMPT [--model M] [--server URL ...] [--system S] [--json] [--verbose]
+    aicortex models [--family F] [--json]      offline, from the catalog
+    aicortex families [--json]                 offline
+    aicortex info MODEL [--json]               offline
+    aicortex servers [MODEL] [--server URL ...] [--json]
+    aicortex refresh [--metadata-dir DIR] [--server URL ...] [--dry-run]
+    aicortex serve ...                         the OpenAI-compatible proxy (extra "server")
+
+Exit status: 0 ok; 1 internal error or a failed catalog write; 2 bad input or unknown model; 3 no
+reachable server; 4 the answer broke off mid-stream; 130 interrupted (Ctrl-C);
+141 stdout was closed early (a pipe). Every error is one line on stderr,
+``aicortex: error: ...``; ``AICORTEX_DEBUG=1`` adds the traceback of an
+internal error.
+
+The offline commands load only the catalog: nothing of the HTTP stack is
+imported unless a command goes online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from ._exceptions import (
+    AICortexError,
+    CortexTimeoutError,
+    ModelNotFoundError,
+    ServerError,
+    StreamError,
+    ValidationError,
+)
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._catalog import Catalog, ModelInfo
+    from ._health import ServerInfo
+    from .tools.check_models import ServerCheck
+    from .tools.fetch_models import ServerModels
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_BROKEN_PIPE",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_SERVER",
+    "EXIT_OK",
+    "EXIT_STREAM_BROKE",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_NO_SERVER = 3
+EXIT_STREAM_BROKE = 4
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+PROG = "aicortex"
+NO_PROXY = "the proxy is not available in this installation (install aicortex-core[server])"
+
+EXIT_STATUSES = """\
+exit status:
+  0    ok
+  1    internal error (AICORTEX_DEBUG=1 shows the traceback), or a catalog write failed
+  2    bad input, or an unknown model (with suggestions)
+  3    no server could be reached (each one tried is named)
+  4    the answer broke off mid-stream
+  130  interrupted (Ctrl-C)
+  141  stdout was closed early (a pipe)
+"""
+
+logger = logging.getLogger("aicortex")
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class CLIError(Exception):
+    """A failure to report as one line, with its exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _print_json(data: Any) -> None:
+    _out(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=False)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [list(headers), *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _context(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _servers(values: Sequence[str] | None) -> list[str]:
+    """``--server`` values; each may hold several comma-separated URLs."""
+    from ._config import split_servers
+
+    return [url for value in values or () for url in split_servers(value)]
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- offline commands
+
+
+def _catalog(args: argparse.Namespace) -> Catalog:
+    from ._catalog import Catalog, default_catalog
+
+    directory: str | None = args.metadata_dir
+    if directory is None:
+        return default_catalog()
+    if not os.path.isdir(directory):
+        raise CLIError(f"the catalog directory {directory!r} does not exist")
+    return Catalog(directory)
+
+
+def _model_row(info: ModelInfo) -> list[str]:
+    return [
+        info.name + (" *" if info.default else ""),
+        info.family,
+        info.parameters,
+        info.quantization,
+        _context(info.context_length),
+        info.size,
+        ", ".join(info.tags),
+    ]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    infos = [catalog.model_info(name) for name in catalog.models(args.family)]
+    if args.json:
+        _print_json([info.model_dump(mode="json") for info in infos])
+        return EXIT_OK
+    if not infos:
+        _err(f"{PROG}: the catalog has no models")
+        return EXIT_OK
+    headers = ["MODEL", "FAMILY", "PARAMS", "QUANT", "CONTEXT", "SIZE", "TAGS"]
+    _out(_table(headers, [_model_row(info) for info in infos]))
+    if any(info.default for info in infos):
+        _out("* the default model")
+    return EXIT_OK
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    families = {family: catalog.models(family) for family in catalog.families()}
+    if args.json:
+        _print_json([{"family": f, "models": names} for f, names in families.items()])
+        return EXIT_OK
+    rows = [[f, str(len(names)), ", ".join(names)] for f, names in families.items()]
+    _out(_table(["FAMILY", "COUNT", "MODELS"], rows))
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = _catalog(args).model_info(args.model)
+    if args.json:
+        _print_json(info.model_dump(mode="json"))
+        return EXIT_OK
+    fields = [
+        ("model", info.name),
+        ("family", info.family),
+        ("parameters", info.parameters),
+        ("quantization", info.quantization),
+        ("size", info.size),
+        ("context length", f"{info.context_length} tokens"),
+        ("default model", "yes" if info.default else "no"),
+        ("tags", ", ".join(info.tags) or "-"),
+        ("description", info.description or "-"),
+    ]
+    width = max(len(key) for key, _ in fields) + 2
+    for key, value in fields:
+        _out(f"{key + ':':<{width}}{value}")
+    _out("servers (last known status):")
+    if info.servers:
+        _out(_indent(_table(["URL", "STATUS"], [[s.url, s.status] for s in info.servers])))
+    else:
+        _out("  none listed")
+    if info.generation:
+        _out("generation parameters:")
+        rows = [[key, str(r.default), str(r.min), str(r.max)] for key, r in info.generation.items()]
+        _out(_indent(_table(["PARAMETER", "DEFAULT", "MIN", "MAX"], rows)))
+    return EXIT_OK
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+# --------------------------------------------------------------------------- online commands
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    prompt: str = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise CLIError("the prompt is empty")
+    from ._events import EventType
+    from ._sync import Cortex
+
+    servers = _servers(args.server)
+    printed = ""
+    with Cortex(servers or None, model=args.model, fallback=not servers) as cortex:
+        stream = cortex.chat(prompt, stream=True, system=args.system)
+        with stream:
+            if args.verbose:
+                _err(f"{PROG}: {stream.model} is answering from {stream.server}")
+            try:
+                for event in stream:
+                    if event.type is EventType.TOKEN and event.content and not args.json:
+                        sys.stdout.write(event.content)
+                        sys.stdout.flush()
+                        printed = event.content
+                text = stream.text()
+            except StreamError as exc:
+                if printed and not printed.endswith("\n"):
+                    _out()
+                # The library's message ends with advice for Python callers; keep the facts.
+                reason = str(exc).split(" The partial text is in ", 1)[0]
+                raise CLIError(
+                    f"{reason} The answer is incomplete; run the command again for a full one.",
+                    EXIT_STREAM_BROKE,
+                ) from exc
+        if args.json:
+            stats = stream.stats
+            _print_json(
+                {
+                    "text": text,
+                    "model": stream.model,
+                    "server": stream.server,
+                    "done_reason": stream.done_reason,
+                    "stats": _stats_json(stats) if stats is not None else None,
+                }
+            )
+        elif text and not text.endswith("\n"):
+            _out()
+        sys.stdout.flush()
+        if args.verbose:
+            _err(_stats_line(stream.server, stream.model, stream.stats))
+    return EXIT_OK
+
+
+def _stats_json(stats: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data: dict[str, Any] = asdict(stats)
+    data["tokens_per_second"] = stats.tokens_per_second
+    return data
+
+
+def _stats_line(server: str, model: str, stats: Any) -> str:
+    line = f"{PROG}: server {server}, model {model}"
+    if stats is None:
+        return line + ", no token stats"
+    parts: list[str] = []
+    if stats.prompt_tokens is not None:
+        parts.append(f"{stats.prompt_tokens} prompt tokens")
+    if stats.completion_tokens is not None:
+        parts.append(f"{stats.completion_tokens} completion tokens")
+    if stats.tokens_per_second is not None:
+        parts.append(f"{stats.tokens_per_second:.1f} tokens/s")
+    if stats.total_duration is not None:
+        parts.append(f"{stats.total_duration / 1e9:.2f} s total")
+    return line + (": " + ", ".join(parts) if parts else "")
+
+
+def cmd_servers(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ._client import AsyncCortex
+    from ._config import Timeout
+
+    servers = _servers(args.server)
+    model: str | None = args.model
+
+    async def probe() -> tuple[list[ServerInfo], list[str]]:
+        timeout = Timeout(probe=args.timeout)
+        async with AsyncCortex(servers or None, fallback=not servers, timeout=timeout) as cortex:
+            infos = await cortex.probe_servers(model)
+            live = [name for info in infos if info.up for name in info.models]
+            return infos, cortex.catalog.suggestions(model, extra=live) if model else []
+
+    infos, suggestions = anyio.run(probe)
+    if args.json:
+        _print_json([_server_json(info) for info in infos])
+    else:
+        headers = ["SERVER", "STATUS", "LATENCY", "VERSION"]
+        headers += [f"HAS {model}"] if model else ["MODELS"]
+        rows = [_server_row(info, model) for info in infos]
+        _out(_table([*headers, "NOTE"], rows))
+    sys.stdout.flush()
+    up = [info for info in infos if info.up]
+    if not up:
+        tried = "; ".join(f"{i.url} ({i.error or 'down'})" for i in infos)
+        raise CLIError(f"no reachable server; tried: {tried}", EXIT_NO_SERVER)
+    if model and not any(info.has_model for info in up):
+        raise ModelNotFoundError(model, suggestions, servers=[i.url for i in up])
+    return EXIT_OK
+
+
+def _server_json(info: ServerInfo) -> dict[str, Any]:
+    return {
+        "url": info.url,
+        "up": info.up,
+        "latency": info.latency,
+        "version": info.version,
+        "models": list(info.models),
+        "model": info.model,
+        "has_model": info.has_model,
+        "error": info.error,
+    }
+
+
+def _server_row(info: ServerInfo, model: str | None) -> list[str]:
+    if model:
+        has = "-" if info.has_model is None else ("yes" if info.has_model else "no")
+    else:
+        has = str(len(info.models)) if info.up else "-"
+    return [
+        info.url,
+        "up" if info.up else "down",
+        _ms(info.latency),
+        info.version or "-",
+        has,
+        info.error or "",
+    ]
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ._urls import normalize_host
+    from .tools import catalog_directory
+    from .tools.apply_valid_models import apply, validate_directory
+    from .tools.check_models import check
+    from .tools.fetch_models import fetch
+    from .tools.resolve_models import resolve
+
+    servers = _servers(args.server)
+    if args.no_catalog and not servers:
+        raise CLIError("--no-catalog needs at least one --server")
+    for url in servers:
+        normalize_host(url)  # a malformed URL is bad input, before anything goes online
+    directory = catalog_directory(args.metadata_dir)
+    validate_directory(directory)
+    _err(f"{PROG}: probing servers (timeout {args.timeout:g}s) for the catalog in {directory}")
+
+    def progress(result: ServerCheck) -> None:
+        if result.up:
+            count = len(result.models)
+            detail = f"{_ms(result.latency)}, Ollama {result.version or '?'}, {count} models"
+        else:
+            detail = result.error or "down"
+        where = (
+            result.url if result.address == result.url else f"{result.url} (at {result.address})"
+        )
+        _err(f"  {'up' if result.up else 'down':<4}  {where}  {detail}")
+
+    checked = anyio.run(
+        lambda: check(
+            servers,
+            metadata_dir=directory,
+            include_catalog=not args.no_catalog,
+            timeout=args.timeout,
+            on_result=progress,
+        )
+    )
+    live = checked.live()
+    _err(f"{PROG}: {len(live)} of {len(checked.servers)} servers up")
+    if live:
+        _err(f"{PROG}: fetching model details")
+    live_urls = {server.url for server in live}
+
+    def fetched_one(result: ServerModels) -> None:
+        if result.url in live_urls:
+            detail = f"{len(result.models)} models" if result.up else result.error
+            _err(f"  {result.url}  {detail}")
+
+    fetched = anyio.run(lambda: fetch(checked, on_result=fetched_one))
+    resolved = resolve(directory, fetched)
+    for warning in resolved.warnings:
+        _err(f"{PROG}: warning: {warning}")
+    report = apply(resolved, directory, dry_run=args.dry_run)
+    if args.dry_run:
+        sys.stdout.write(report.diff)
+        _err(
+            f"{PROG}: dry run: {len(report.written)} of {len(report.files)} files would change; "
+            "nothing was written"
+        )
+        return EXIT_OK
+    for change in resolved.changes:
+        _out(str(change))
+    if report.written:
+        done = ", ".join(f"{f.file} ({f.status})" for f in report.files if f.status != "unchanged")
+        _out(f"wrote {done}")
+    else:
+        _out("the catalog is up to date; no file changed")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- serve (another module)
+
+
+def _serve_module() -> Any | None:
+    """``aicortex.server._run``, or ``None`` when the proxy (or its extra) is not installed."""
+    import importlib
+    import importlib.util
+
+    # The module imports Starlette and uvicorn only when serving: check for them here.
+    if any(importlib.util.find_spec(name) is None for name in ("starlette", "uvicorn")):
+        return None
+    try:
+        module = importlib.import_module("aicortex.server._run")
+    except ImportError as exc:
+        missing = exc.name or ""
+        if missing.split(".")[0] in ("starlette", "uvicorn") or missing in (
+            "aicortex.server",
+            "aicortex.server._run",
+        ):
+            return None
+        raise
+    return module
+
+
+def _add_serve(subparsers: Any, wanted: bool) -> None:
+    """The ``serve`` subcommand; the proxy's own arguments are loaded only when it is run."""
+    help_text = "run the OpenAI-compatible proxy (needs aicortex-core[server])"
+    parser = subparsers.add_parser("serve", help=help_text, description=help_text)
+    module = _serve_module() if wanted else None
+    if module is None:
+        if wanted:
+            raise CLIError(NO_PROXY)
+        return
+    module.add_serve_arguments(parser)
+    parser.set_defaults(run=module.run_serve)
+
+
+# --------------------------------------------------------------------------- parser and main
+
+
+def _add_catalog_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metadata-dir",
+        metavar="DIR",
+        help="read this catalog directory instead (default: $AICORTEX_METADATA_DIR or the "
+        "bundled one)",
+    )
+
+
+def _add_server(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "-s",
+        "--server",
+        action="append",
+        metavar="URL",
+        help=f"{what} (repeat, or separate with commas)",
+    )
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; ``argv`` tells whether ``serve`` is wanted (only then is the proxy imported)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Use one or many Ollama servers as one: chat, list the model catalog, "
+        "check servers, refresh the catalog.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"aicortex {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    chat = sub.add_parser(
+        "chat",
+        help="send a prompt and stream the answer",
+        description="Send PROMPT to the best available server and stream the answer to stdout "
+        "as it arrives.",
+    )
+    chat.add_argument("prompt", metavar="PROMPT", help="the prompt ('-' reads it from stdin)")
+    chat.add_argument(
+        "-m", "--model", help="the model (default: $AICORTEX_MODEL or the catalog's default)"
+    )
+    _add_server(chat, "use only this server instead of the usual candidates")
+    chat.add_argument("--system", metavar="S", help="a system prompt")
+    chat.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object at the end (text, model, server, done_reason, stats) "
+        "instead of streaming",
+    )
+    chat.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="report the server, failover warnings and token stats on stderr",
+    )
+    chat.set_defaults(run=cmd_chat)
+
+    models = sub.add_parser(
+        "models",
+        help="list the catalog's models (offline)",
+        description="List the models of the offline catalog.",
+    )
+    models.add_argument("-f", "--family", help="only this family")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    _add_catalog_dir(models)
+    models.set_defaults(run=cmd_models)
+
+    families = sub.add_parser(
+        "families",
+        help="list the catalog's model families (offline)",
+        description="List the model families of the offline catalog.",
+    )
+    families.add_argument("--json", action="store_true", help="print JSON")
+    _add_catalog_dir(families)
+    families.set_defaults(run=cmd_families)
+
+    info = sub.add_parser(
+        "info",
+        help="show what the catalog knows about a model (offline)",
+        description="Show the catalog entry of MODEL: sizes, context length, description, "
+        "tags, servers and generation parameters.",
+    )
+    info.add_argument("model", metavar="MODEL")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    _add_catalog_dir(info)
+    info.set_defaults(run=cmd_info)
+
+    servers = sub.add_parser(
+        "servers",
+        help="probe the servers now: up/down, latency, version, models",
+        description="Probe the candidate servers (for MODEL, if given) concurrently and show "
+        "a table: server, up/down, latency, version, whether it has the model.",
+    )
+    servers.add_argument("model", metavar="MODEL", nargs="?")
+    _add_server(servers, "probe only this server instead of the usual candidates")
+    servers.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="give up on a server after this long (default: 2)",
+    )
+    servers.add_argument("--json", action="store_true", help="print JSON")
+    servers.add_argument("-v", "--verbose", action="store_true", help="log warnings")
+    servers.set_defaults(run=cmd_servers)
+
+    refresh = sub.add_parser(
+        "refresh",
+        help="refresh the catalog from the live servers",
+        description="Probe the catalog's servers and the given ones, fetch their models, merge "
+        "them into the catalog and write the family files that changed (atomically). "
+        "Progress goes to stderr; the changes (or with --dry-run a diff) to stdout.",
+    )
+    refresh.add_argument(
+        "--metadata-dir",
+        metavar="DIR",
+        help="the catalog directory to refresh (default: $AICORTEX_METADATA_DIR or the "
+        "one aicortex reads)",
+    )
+    _add_server(refresh, "also probe this server and add its models")
+    refresh.add_argument("--no-catalog", action="store_true", help="probe only the given servers")
+    refresh.add_argument("--dry-run", action="store_true", help="print a diff, write nothing")
+    refresh.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="probe timeout per server (default: 2)",
+    )
+    refresh.add_argument("-v", "--verbose", action="store_true", help="log warnings")
+    refresh.set_defaults(run=cmd_refresh)
+
+    _add_serve(sub, wanted=_command_of(argv) == "serve")
+    return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, (ModelNotFoundError, ValidationError, CLIError)):
+        return exc.code if isinstance(exc, CLIError) else EXIT_BAD_INPUT
+    if isinstance(exc, (ServerError, CortexTimeoutError)):
+        return EXIT_NO_SERVER
+    if isinstance(exc, StreamError):
+        return EXIT_STREAM_BROKE
+    from .tools import CatalogWriteError, ToolError
+
+    if isinstance(exc, ToolError) and not isinstance(exc, CatalogWriteError):
+        return EXIT_BAD_INPUT
+    return EXIT_INTERNAL
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``aicortex`` command; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    try:
+        try:
+            args = build_parser(args_list).parse_args(args_list)
+        except SystemExit as exc:  # --help, --version, a usage error
+            return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+        handler.setLevel(logging.WARNING if getattr(args, "verbose", True) else logging.ERROR)
+        run: Command = args.run
+        status = run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is handled below
+        return status
+    except KeyboardInterrupt:
+        _err(f"{PROG}: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``aicortex models | head``): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (AICortexError, CLIError) as exc:
+        _err(f"{PROG}: error: {_one_line(exc)}")
+        return _exit_code(exc)
+    except Exception as exc:
+        if os.environ.get("AICORTEX_DEBUG") == "1":
+            traceback.print_exc()
+        _err(
+            f"{PROG}: error: {_one_line(exc) or type(exc).__name__} (internal error; set "
+            "AICORTEX_DEBUG=1 for the traceback)"
+        )
+        return EXIT_INTERNAL
+    finally:
+        logger.removeHandler(handler)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m aicortex._cli
+    raise SystemExit(main())

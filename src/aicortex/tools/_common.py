@@ -1,0 +1,174 @@
+"""Plumbing shared by the four step commands: arguments, JSON in and out, errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, cast
+
+from .._exceptions import ValidationError
+from . import FORMAT_VERSION, CatalogWriteError, ToolError
+
+_logger = logging.getLogger("aicortex")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_output_argument(parser: argparse.ArgumentParser) -> None:
+    """``-o/--output FILE``, default stdout."""
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        default="-",
+        help="write the JSON here (default: stdout)",
+    )
+
+
+def add_input_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``-i/--input FILE``, default stdin."""
+    parser.add_argument(
+        "-i",
+        "--input",
+        metavar="FILE",
+        default="-",
+        help=f"read {what} from FILE ('-' or default: stdin)",
+    )
+
+
+def read_json(source: str | None) -> Any:
+    """Read a JSON document from a file, or from stdin for ``None`` / ``"-"``."""
+    name = "stdin" if source in (None, "-") else source
+    try:
+        if source in (None, "-"):
+            text = sys.stdin.read()
+        else:
+            text = Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolError(f"Cannot read {name}: {exc}") from None
+    if not text.strip():
+        raise ToolError(f"{name} is empty; expected the JSON of the previous step.")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ToolError(f"{name} is not valid JSON ({exc}).") from None
+
+
+def write_text(text: str, target: str | None) -> None:
+    """Write ``text`` to a file, or to stdout for ``None`` / ``"-"``."""
+    if target in (None, "-"):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        Path(target).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ToolError(f"Cannot write {target}: {exc}") from None
+
+
+def dump_json(data: Any) -> str:
+    """2-space JSON and a final newline."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def parse_document(model: type[Any], data: Any, what: str) -> Any:
+    """Validate a step's JSON against its pydantic model; a clear :class:`ToolError` if not."""
+    import pydantic
+
+    raw = _as_dict(data)
+    if raw:
+        version: object = raw.get("version")
+        if version != FORMAT_VERSION:
+            raise ToolError(
+                f"The input is version {version!r} of the {what} format; "
+                f"this aicortex reads version {FORMAT_VERSION}."
+            )
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
+            for e in exc.errors()[:5]
+        )
+        raise ToolError(f"The input is not a {what} document ({problems}).") from None
+
+
+def run_tool(prog: str, body: Callable[[], int]) -> int:
+    """Run a step's command: log to stderr, one error line and a status on failure.
+
+    0 ok; 2 bad input or a catalog that fails validation; 1 anything else, such
+    as a file that cannot be written or a bug (set ``AICORTEX_DEBUG=1`` for the
+    traceback); 130 on Ctrl-C.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter(prog))
+    _logger.addHandler(handler)
+    try:
+        return body()
+    except CatalogWriteError as exc:
+        _fail(prog, str(exc))
+        return 1
+    except (ToolError, ValidationError) as exc:
+        _fail(prog, str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _fail(prog, "interrupted")
+        return 130
+    except Exception as exc:
+        if os.environ.get("AICORTEX_DEBUG") == "1":
+            traceback.print_exc()
+        _fail(prog, str(exc) or type(exc).__name__)
+        return 1
+    finally:
+        _logger.removeHandler(handler)
+
+
+class _Formatter(logging.Formatter):
+    """``prog: warning: message``, one line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self._prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self._prog}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _fail(prog: str, message: str) -> None:
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"{prog}: error: {message}\n")
+
+
+def _as_dict(data: object) -> dict[str, Any]:
+    return cast("dict[str, Any]", data) if isinstance(data, dict) else {}
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def server_list(values: Sequence[str] | None) -> list[str]:
+    """``--server`` values; each may hold several comma-separated URLs."""
+    from .._config import split_servers
+
+    return [url for value in values or () for url in split_servers(value)]
