@@ -1,0 +1,295 @@
+"""The Starlette app: routes, the lazily created AsyncCortex, keys and request ids."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .._client import AsyncCortex
+from .._config import Timeout
+from .._protocol import model_key
+from ._auth import KeyChecker, load_keys
+from ._errors import ProxyError
+from ._gateway import ClientGone, Gateway, Receive, Send, dumps, read_body, request_id, send_json
+from ._schema import decode_json, parse_chat_request
+from ._streaming import SSEResponse, collect, open_stream, unless_disconnected
+from ._translate import ChunkWriter, completion, completion_id, to_chat_call
+
+__all__ = ["CortexHandle", "create_app"]
+
+logger = logging.getLogger("aicortex.server")
+
+DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
+_SSE_HEADERS = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+
+
+class CortexHandle:
+    """The :class:`AsyncCortex` behind an app: the one passed in, or one made on first use.
+
+    ``app.state.aicortex`` is this handle. A cortex the app created itself is closed by
+    :meth:`aclose` (the app's lifespan calls it at shutdown); a cortex passed in is
+    never closed by the app.
+    """
+
+    def __init__(
+        self,
+        cortex: AsyncCortex | None,
+        servers: Sequence[str] | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> None:
+        self._cortex = cortex
+        self._servers = servers
+        self._timeout = timeout
+        self.owned = cortex is None
+
+    @property
+    def cortex(self) -> AsyncCortex:
+        """The cortex, created now if needed (creating one does no I/O, so no lock is needed:
+        nothing can run between the check and the assignment)."""
+        cortex = self._cortex
+        if cortex is None:
+            # Servers named explicitly are the whole fleet; otherwise the usual defaults.
+            self._cortex = cortex = AsyncCortex(
+                self._servers, fallback=not self._servers, timeout=self._timeout
+            )
+        return cortex
+
+    @property
+    def created(self) -> bool:
+        """Whether a cortex exists (passed in, or created by a first request)."""
+        return self._cortex is not None
+
+    async def aclose(self) -> None:
+        """Close the cortex if the app created it; a later request creates a new one."""
+        if self.owned and self._cortex is not None:
+            cortex, self._cortex = self._cortex, None
+            await cortex.aclose()
+
+
+class _Endpoint:
+    """Base of the routes: raw ASGI callables that share the app's settings."""
+
+    def __init__(self, handle: CortexHandle, max_body_size: int, started: int) -> None:
+        self.handle = handle
+        self.max_body_size = max_body_size
+        self.started = started
+
+
+class _ChatCompletions(_Endpoint):
+    """``POST /v1/chat/completions``."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        rid = request_id(scope)
+        try:
+            body = await read_body(scope, receive, self.max_body_size)
+        except ClientGone:
+            return
+        call = to_chat_call(parse_chat_request(decode_json(body)))
+        cortex = self.handle.cortex
+        created = int(time.time())
+        cid = completion_id()
+        extra = {"request_id": rid}
+        if call.stream:
+            opened = await unless_disconnected(receive, lambda: open_stream(cortex, call))
+            if opened is None:
+                logger.info("[%s] the client went away before the first token", rid, extra=extra)
+                return
+            stream = opened[0]
+            logger.debug("[%s] streaming %s from %s", rid, call.model, stream.server, extra=extra)
+            writer = ChunkWriter(cid, created, call.model, include_usage=call.include_usage)
+            headers = [*_SSE_HEADERS, (b"x-aicortex-server", stream.server.encode())]
+            response = SSEResponse(
+                stream,
+                writer,
+                headers=headers,
+                include_usage=call.include_usage,
+                request_id=rid,
+            )
+            await response(scope, receive, send)
+            return
+        collected = await unless_disconnected(receive, lambda: collect(cortex, call, rid))
+        if collected is None:
+            logger.info("[%s] the client went away; the request was cancelled", rid, extra=extra)
+            return
+        answer = collected[0]
+        logger.debug("[%s] answered %s from %s", rid, call.model, answer.server, extra=extra)
+        result = completion(
+            id=cid,
+            created=created,
+            model=call.model,
+            text=answer.text,
+            thinking=answer.thinking,
+            tool_calls=answer.tool_calls,
+            done_reason=answer.done_reason,
+            stats=answer.stats,
+        )
+        await send_json(send, 200, dumps(result), [(b"x-aicortex-server", answer.server.encode())])
+
+
+class _Models(_Endpoint):
+    """``GET /v1/models`` and ``GET /v1/models/{model}``: live models first, then the catalog."""
+
+    async def _list(self) -> list[dict[str, Any]]:
+        cortex = self.handle.cortex
+        seen: dict[str, dict[str, Any]] = {}
+        for info in await cortex.probe_servers():
+            if info.up:
+                for name in info.models:
+                    seen.setdefault(model_key(name), self._entry(name, "aicortex"))
+        catalog = cortex.catalog
+        for name in catalog.models():
+            found = catalog.find(name)
+            seen.setdefault(
+                model_key(name), self._entry(name, found.family if found else "aicortex")
+            )
+        return list(seen.values())
+
+    def _entry(self, name: str, owner: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.started, "owned_by": owner}
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        models = await self._list()
+        wanted: str | None = scope.get("path_params", {}).get("model")
+        if wanted is None:
+            await send_json(send, 200, dumps({"object": "list", "data": models}))
+            return
+        for entry in models:
+            if model_key(entry["id"]) == model_key(wanted):
+                await send_json(send, 200, dumps(entry))
+                return
+        names = [m["id"] for m in models]
+        suggestions = self.handle.cortex.catalog.suggestions(wanted, extra=names)
+        message = f"The model {wanted!r} does not exist."
+        if suggestions:
+            message += " Did you mean: " + ", ".join(repr(s) for s in suggestions) + "?"
+        raise ProxyError(404, message, param="model", code="model_not_found")
+
+
+class _Ready(_Endpoint):
+    """``GET /ready``: 200 when at least one upstream is healthy, else 503."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        infos = await self.handle.cortex.probe_servers()
+        upstreams = [
+            {
+                "url": info.url,
+                "status": "up" if info.up else "down",
+                "latency_ms": None if info.latency is None else round(info.latency * 1000, 1),
+                "version": info.version,
+                "error": info.error,
+            }
+            for info in infos
+        ]
+        ready = any(info.up for info in infos)
+        body = {"status": "ready" if ready else "unavailable", "upstreams": upstreams}
+        await send_json(send, 200 if ready else 503, dumps(body))
+
+
+async def _health(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Routing errors (unknown URL, wrong method) in OpenAI's shape."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    where = f"{request.method} {request.url.path}"
+    if status == 405:
+        message, code = f"Method not allowed: {where}.", "method_not_allowed"
+    elif status == 404:
+        message, code = f"Unknown request URL: {where}.", "unknown_url"
+    else:
+        message, code = f"The request failed with HTTP {status}.", None
+    error = ProxyError(status, message, code=code)
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    return Response(error.encode(), status, headers=headers, media_type="application/json")
+
+
+def create_app(
+    cortex: AsyncCortex | None = None,
+    *,
+    servers: Sequence[str] | str | None = None,
+    timeout: Timeout | None = None,
+    api_keys: Iterable[str] | None = None,
+    api_key_file: str | os.PathLike[str] | None = None,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+) -> Starlette:
+    """An OpenAI-compatible ASGI app in front of one or many Ollama servers.
+
+    Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+    ``GET /health`` (liveness) and ``GET /ready`` (200 when an upstream is up).
+
+    ``cortex``: the :class:`~aicortex.AsyncCortex` to use; the app never closes it.
+    Without one, the app creates ``AsyncCortex(servers, timeout=timeout)`` on its
+    first request (``servers`` given: exactly those servers; else ``AICORTEX_SERVERS``,
+    then ``OLLAMA_HOST``) and closes it at shutdown.
+
+    ``api_keys`` (else the lines of ``api_key_file``, else ``AICORTEX_API_KEYS``,
+    comma-separated): when any key is set, every route but ``/health`` needs
+    ``Authorization: Bearer <key>``. ``max_body_size``: larger bodies get 413.
+
+    Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
+    created when the server shuts down (ASGI lifespan). Mounted in another app, it
+    gets no lifespan events of its own: run its lifespan from the host's, or close
+    the cortex through ``app.state.aicortex``::
+
+        proxy = create_app()
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            async with proxy.router.lifespan_context(proxy):
+                yield
+            # or: yield; await proxy.state.aicortex.aclose()
+
+        host = Starlette(routes=[Mount("/llm", app=proxy)], lifespan=lifespan)
+    """
+    if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 1:  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ValueError(
+            f"max_body_size must be a positive number of bytes, not {max_body_size!r}."
+        )
+    keys = KeyChecker(load_keys(api_keys, api_key_file))
+    if cortex is not None and (servers is not None or timeout is not None):
+        raise ValueError("Pass servers= and timeout= to the AsyncCortex, not to create_app().")
+    handle = CortexHandle(cortex, servers, timeout)
+    started = int(time.time())
+    models = _Models(handle, max_body_size, started)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncGenerator[None]:
+        try:
+            yield
+        finally:
+            await handle.aclose()
+
+    app = Starlette(
+        routes=[
+            Route(
+                "/v1/chat/completions",
+                _ChatCompletions(handle, max_body_size, started),
+                methods=["POST"],
+            ),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", models, methods=["GET"]),
+            Route("/health", _health, methods=["GET"]),
+            Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
+        ],
+        middleware=[Middleware(Gateway, keys=keys)],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.aicortex = handle
+    return app

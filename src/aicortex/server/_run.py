@@ -1,0 +1,109 @@
+"""``aicortex serve``: run the proxy with uvicorn.
+
+Nothing heavy is imported at module level: the command line imports this module
+for every command, and only ``serve`` needs Starlette and uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def serve(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    servers: Sequence[str] | None = None,
+    api_key_file: str | os.PathLike[str] | None = None,
+    *,
+    max_body_size: int | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the OpenAI-compatible proxy with uvicorn until interrupted (Ctrl-C).
+
+    Binds to 127.0.0.1 unless told otherwise: put the proxy on a public address only
+    with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``).
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit(
+            "aicortex serve needs the server extra: pip install 'aicortex-core[server]'"
+        ) from None
+    from ._app import DEFAULT_MAX_BODY_SIZE, create_app
+
+    app = create_app(
+        servers=list(servers) if servers else None,
+        api_key_file=api_key_file,
+        max_body_size=DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``aicortex serve`` to ``parser``."""
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default: {DEFAULT_HOST}; use keys before going public)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--server",
+        dest="servers",
+        action="append",
+        metavar="URL",
+        help="an Ollama server to use; repeat for several, in order of preference "
+        "(default: AICORTEX_SERVERS, else OLLAMA_HOST, else http://127.0.0.1:11434)",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="require one of the keys in this file (one per line, # comments) "
+        "(default: AICORTEX_API_KEYS, comma-separated; none: no key needed)",
+    )
+    parser.add_argument(
+        "--max-body-size",
+        type=int,
+        metavar="BYTES",
+        help="largest request body accepted (default: 10 MiB)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: info)",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run ``aicortex serve`` with the parsed ``args``; returns the exit status."""
+    from .._config import split_servers
+    from .._exceptions import ValidationError
+
+    # Each --server may hold several comma-separated URLs, as AICORTEX_SERVERS does.
+    servers = [url for value in args.servers or () for url in split_servers(value)]
+    try:
+        serve(
+            host=args.host,
+            port=args.port,
+            servers=servers,
+            api_key_file=args.api_key_file,
+            max_body_size=getattr(args, "max_body_size", None),
+            log_level=getattr(args, "log_level", "info"),
+        )
+    except (ValidationError, ValueError) as exc:
+        print(f"aicortex serve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,244 @@
+"""Serving one answer: SSE out of an :class:`AsyncStream`, or the whole answer at once,
+always watching for a client that leaves.
+
+A client that disconnects cancels the work at once and the upstream connection is
+closed, so Ollama stops generating for nobody.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from .._client import AsyncCortex
+from .._events import EventType, Stats, ToolCall
+from .._exceptions import StreamError
+from .._stream import AsyncStream
+from ._errors import API_ERROR, error_body
+from ._gateway import Receive, Send
+from ._translate import DONE, ChatCall, ChunkWriter, frame
+
+__all__ = ["Answer", "SSEResponse", "collect", "open_stream", "unless_disconnected"]
+
+logger = logging.getLogger("aicortex.server")
+
+_T = TypeVar("_T")
+
+_TOKEN = EventType.TOKEN
+_END = EventType.END
+# Text waiting for a slow client is merged into one frame; past this many pieces the
+# upstream is not read until the client catches up.
+_BACKLOG = 4096
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(
+    receive: Receive, work: Callable[[], Awaitable[_T]]
+) -> tuple[_T] | None:
+    """Run ``work`` unless the client disconnects first; then cancel it and return None.
+
+    Call it only once the request body has been read.
+    """
+    result: list[_T] = []
+    failure: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await _wait_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            result.append(await work())
+        except Exception as exc:  # re-raised below, outside the task group
+            failure.append(exc)
+        tg.cancel_scope.cancel()
+    if failure:
+        raise failure[0]
+    return (result[0],) if result else None
+
+
+async def open_stream(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
+    """Start the chat; returns once the first token arrived (failover happens before)."""
+    return await cortex.chat(
+        call.messages,
+        model=call.model,
+        stream=True,
+        options=call.options,
+        format=call.format,
+        tools=call.tools,
+        think=call.think,
+        keep_alive=call.keep_alive,
+    )
+
+
+@dataclass
+class Answer:
+    """A whole answer, collected from a stream."""
+
+    server: str
+    text: str
+    thinking: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])
+    done_reason: str | None = None
+    stats: Stats | None = None
+
+
+async def collect(cortex: AsyncCortex, call: ChatCall, request_id: str) -> Answer:
+    """The whole answer. Nothing has reached the client yet, so an answer that breaks
+    midway is asked again (the broken server is marked down and skipped)."""
+    failure: StreamError | None = None
+    for _ in range(max(len(cortex.candidates(call.model)), 1)):
+        stream = await open_stream(cortex, call)
+        try:
+            text = await stream.text()
+        except StreamError as exc:
+            logger.warning("[%s] retrying: %s", request_id, exc, extra={"request_id": request_id})
+            failure = exc
+            continue
+        finally:
+            await stream.aclose()
+        return Answer(
+            server=stream.server,
+            text=text,
+            thinking=stream.thinking,
+            tool_calls=stream.tool_calls,
+            done_reason=stream.done_reason,
+            stats=stream.stats,
+        )
+    assert failure is not None
+    raise failure
+
+
+class SSEResponse:
+    """An ASGI response that streams ``chat.completion.chunk`` frames out of a stream.
+
+    A reader task turns events into frames; the writer sends whatever has piled up
+    in one write, merging consecutive text, so a client slower than the model gets
+    fewer, larger chunks instead of a growing queue. A failure after the first
+    token ends the stream with an error frame and no ``[DONE]``. The upstream
+    stream is closed however this ends.
+    """
+
+    def __init__(
+        self,
+        stream: AsyncStream,
+        writer: ChunkWriter,
+        *,
+        headers: Sequence[tuple[bytes, bytes]],
+        include_usage: bool,
+        request_id: str,
+    ) -> None:
+        self._stream = stream
+        self._writer = writer
+        self._headers = list(headers)
+        self._include_usage = include_usage
+        self._request_id = request_id
+        # Pending output: frames (bytes) and runs of text still to be merged (list[str]).
+        self._items: list[bytes | list[str]] = [writer.role()]
+        self._pending = 0
+        self._finished = False
+        self._wake: anyio.Event | None = None
+        self._room: anyio.Event | None = None
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    await _wait_for_disconnect(receive)
+                    logger.info(
+                        "[%s] the client went away; closing the upstream stream",
+                        self._request_id,
+                        extra={"request_id": self._request_id},
+                    )
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                tg.start_soon(self._read)
+                await self._write(send)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    # -- reader ----------------------------------------------------------------------
+
+    def _put(self, item: bytes | str) -> None:
+        items = self._items
+        if isinstance(item, str):
+            if items and isinstance(last := items[-1], list):
+                last.append(item)
+            else:
+                items.append([item])
+        else:
+            items.append(item)
+        self._pending += 1
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    async def _read(self) -> None:
+        writer = self._writer
+        put = self._put
+        try:
+            async for event in self._stream:
+                if event.type is _TOKEN:
+                    if event.thinking is None and not event.tool_calls:
+                        put(event.content or "")
+                    else:
+                        put(writer.delta(event.content, event.thinking, event.tool_calls))
+                    if self._pending >= _BACKLOG:
+                        self._room = room = anyio.Event()
+                        await room.wait()
+                elif event.type is _END:
+                    put(writer.finish(event.done_reason))
+                    if self._include_usage:
+                        put(writer.usage(event.stats))
+                    put(DONE)
+        except StreamError as exc:
+            put(frame(error_body(str(exc), API_ERROR, None, "upstream_error")))
+        except Exception as exc:
+            logger.exception(
+                "[%s] the stream failed unexpectedly",
+                self._request_id,
+                extra={"request_id": self._request_id},
+            )
+            message = f"The proxy failed while streaming ({type(exc).__name__})."
+            put(frame(error_body(message, API_ERROR, None, "internal_error")))
+        finally:
+            self._finished = True
+            self._put(b"")
+
+    # -- writer ----------------------------------------------------------------------
+
+    async def _write(self, send: Send) -> None:
+        text = self._writer.text
+        while True:
+            if not self._items:
+                if self._finished:
+                    break
+                self._wake = wake = anyio.Event()
+                await wake.wait()
+                continue
+            items, self._items, self._pending = self._items, [], 0
+            room = self._room
+            if room is not None:
+                self._room = None
+                room.set()
+            body = b"".join([i if isinstance(i, bytes) else text("".join(i)) for i in items])
+            if body:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,488 @@
+"""The OpenAI-compatible proxy under load, measured with the official ``openai`` client.
+
+Starts a fast fake Ollama (a separate process on 127.0.0.1 that answers ``/api/chat``
+at once) and the proxy (``aicortex.server.create_app`` under uvicorn, another process,
+so the client does not share its GIL), then measures in one run:
+
+* latency of small non-streamed chats: p50/p99 through the proxy (``openai.OpenAI``)
+  next to the same chat sent natively to the upstream's ``/api/chat`` (httpx); the
+  difference is what the proxy adds (goal: <= 1.5 ms at p50);
+* requests/s with 32 requests in flight (``openai.AsyncOpenAI`` in an anyio task group);
+* tokens/s of one 20,000-token SSE stream (goal: >= 50,000 tokens/s).
+
+If LiteLLM's proxy is installed and starts offline, it is measured the same way.
+Run with ``nox -s bench`` or ``python tests/benchmarks/bench_proxy.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+import openai
+
+MODEL = "bench:latest"
+STREAM_MODEL = "bench-stream:latest"  # one HTTP chunk per NDJSON line, as Ollama writes
+BULK_MODEL = "bench-bulk:latest"  # the same lines packed into 64 KiB HTTP chunks
+GOAL_ADDED_P50_MS = 1.5
+GOAL_SSE_TOKENS = 50_000
+MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Say hi."}]
+
+
+# --- the fake upstream -----------------------------------------------------------------
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _chunked(pieces: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def _lines(model: str, tokens: list[str]) -> list[bytes]:
+    created = "2025-01-01T00:00:00.000000Z"
+    lines = [
+        _line(
+            {
+                "model": model,
+                "created_at": created,
+                "message": {"role": "assistant", "content": token},
+                "done": False,
+            }
+        )
+        for token in tokens
+    ]
+    lines.append(
+        _line(
+            {
+                "model": model,
+                "created_at": created,
+                "message": {"role": "assistant", "content": ""},
+                "done": True,
+                "done_reason": "stop",
+                "prompt_eval_count": 8,
+                "eval_count": len(tokens),
+                "eval_duration": 1_000_000,
+            }
+        )
+    )
+    return lines
+
+
+def _answer(model: str, tokens: list[str]) -> bytes:
+    """NDJSON with one HTTP chunk per line, the way Ollama flushes every token."""
+    return _chunked(_lines(model, tokens))
+
+
+def _bulk_answer(model: str, tokens: list[str]) -> bytes:
+    """The same NDJSON lines in 64 KiB HTTP chunks."""
+    data = b"".join(_lines(model, tokens))
+    return _chunked([data[i : i + 65536] for i in range(0, len(data), 65536)])
+
+
+def stream_tokens(count: int) -> list[str]:
+    return [f" tok{i % 100}" for i in range(count)]
+
+
+def _serve_upstream(port_out: Any, tokens: int) -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    tags = json.dumps(
+        {"models": [{"name": m, "model": m} for m in (MODEL, STREAM_MODEL, BULK_MODEL)]}
+    ).encode()
+
+    def plain(body: bytes) -> bytes:
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+    def single(model: str, tokens: list[str]) -> bytes:
+        """The answer to ``"stream": false``: one JSON object."""
+        lines = [json.loads(line) for line in _lines(model, tokens)]
+        final = lines[-1]
+        final["message"]["content"] = "".join(tokens)
+        return plain(json.dumps(final).encode())
+
+    answers = {
+        # model: (streamed, single)
+        MODEL: (head + _answer(MODEL, ["Hi", "!"]), single(MODEL, ["Hi", "!"])),
+        STREAM_MODEL: (
+            head + _answer(STREAM_MODEL, stream_tokens(tokens)),
+            single(STREAM_MODEL, stream_tokens(tokens)),
+        ),
+        BULK_MODEL: (
+            head + _bulk_answer(BULK_MODEL, stream_tokens(tokens)),
+            single(BULK_MODEL, stream_tokens(tokens)),
+        ),
+    }
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head_bytes = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head_bytes.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length) if length else b""
+                path = head_bytes.split(b" ", 2)[1]
+                if path == b"/api/chat":
+                    request = json.loads(body)
+                    streamed, whole = answers.get(request.get("model"), answers[MODEL])
+                    writer.write(whole if request.get("stream") is False else streamed)
+                elif path == b"/api/tags":
+                    writer.write(plain(tags))
+                else:
+                    writer.write(plain(b'{"version":"0.33.0"}'))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+        port_out.put(server.sockets[0].getsockname()[1])
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+# --- the proxy ---------------------------------------------------------------------------
+
+
+def _serve_proxy(port: int, upstream: str) -> None:
+    import logging
+
+    import uvicorn
+
+    from aicortex import AsyncCortex
+    from aicortex.server import create_app
+
+    logging.getLogger("aicortex").setLevel(logging.ERROR)
+    app = create_app(AsyncCortex([upstream], fallback=False))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(url: str, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=2, headers=headers)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+# --- measurements ------------------------------------------------------------------------
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return p50 * 1000, p99 * 1000
+
+
+def timed(run: Callable[[], object], count: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    samples: list[float] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def native_latency(upstream: str, count: int) -> list[float]:
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    with httpx.Client(base_url=upstream, timeout=30) as client:
+
+        def run() -> None:
+            response = client.post("/api/chat", json=body)
+            lines = [json.loads(line) for line in response.text.splitlines() if line]
+            assert lines[-1]["done"] is True
+
+        return timed(run, count, warmup=min(50, count))
+
+
+def openai_latency(base_url: str, api_key: str, model: str, count: int) -> list[float]:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=30)
+
+    def run() -> None:
+        answer = client.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+        assert answer.choices[0].message.content == "Hi!", answer
+
+    try:
+        return timed(run, count, warmup=min(50, count))
+    finally:
+        client.close()
+
+
+def httpx_latency(base_url: str, api_key: str, model: str, count: int) -> list[float]:
+    body = {"model": model, "messages": MESSAGES}
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=base_url, timeout=30, headers=headers) as client:
+
+        def run() -> None:
+            answer = client.post("/chat/completions", json=body).json()
+            assert answer["choices"][0]["message"]["content"] == "Hi!", answer
+
+        return timed(run, count, warmup=min(50, count))
+
+
+def requests_per_second(base_url: str, api_key: str, model: str, total: int) -> float:
+    async def main() -> float:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)
+        limiter = anyio.CapacityLimiter(32)
+
+        async def one() -> None:
+            async with limiter:
+                answer = await client.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+                assert answer.choices[0].message.content == "Hi!"
+
+        async with anyio.create_task_group() as tg:  # warm the pools
+            for _ in range(64):
+                tg.start_soon(one)
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(total):
+                tg.start_soon(one)
+        elapsed = time.perf_counter() - started
+        await client.close()
+        return total / elapsed
+
+    return anyio.run(main)
+
+
+def sse_tokens_per_second(
+    base_url: str, api_key: str, model: str, tokens: int, repeats: int
+) -> tuple[float, int]:
+    """Best tokens/s of one streamed chat read with the openai client, and its chunk count."""
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+    expected = "".join(stream_tokens(tokens))
+    best = 0.0
+    chunks = 0
+    try:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            parts: list[str] = []
+            count = 0
+            for chunk in client.chat.completions.create(
+                model=model,
+                messages=MESSAGES,  # type: ignore[arg-type]
+                stream=True,
+            ):
+                count += 1
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+            elapsed = time.perf_counter() - started
+            text = "".join(parts)
+            if text != expected:
+                raise SystemExit(f"the stream lost text: {len(text)} of {len(expected)} chars")
+            if tokens / elapsed > best:
+                best, chunks = tokens / elapsed, count
+    finally:
+        client.close()
+    return best, chunks
+
+
+def native_stream_tokens_per_second(upstream: str, tokens: int, repeats: int) -> float:
+    """Best tokens/s of plain httpx + json reading the upstream's NDJSON: the ceiling for
+    any Python proxy that reads Ollama with httpx on this machine."""
+
+    async def run() -> float:
+        body = {"model": STREAM_MODEL, "messages": MESSAGES, "stream": True}
+        async with httpx.AsyncClient(base_url=upstream, timeout=120) as client:
+            started = time.perf_counter()
+            count = 0
+            async with client.stream("POST", "/api/chat", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line and json.loads(line)["message"]["content"]:
+                        count += 1
+            assert count == tokens, count
+            return tokens / (time.perf_counter() - started)
+
+    return max(anyio.run(run) for _ in range(repeats))
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def measure(
+    name: str, base_url: str, api_key: str, native_p50: float, args: argparse.Namespace
+) -> None:
+    """Latency, requests/s and SSE tokens/s of one proxy; goals are checked for ours only."""
+    ours = name.startswith("aicortex")
+    p50, p99 = percentiles(openai_latency(base_url, api_key, MODEL, args.requests))
+    raw50, raw99 = percentiles(httpx_latency(base_url, api_key, MODEL, args.requests))
+    print(name)
+    print(
+        f"  latency, openai client  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  "
+        f"(+{p50 - native_p50:.2f} ms over native)"
+    )
+    goal = f"  goal <= {GOAL_ADDED_P50_MS} ms: {verdict(raw50 - native_p50 <= GOAL_ADDED_P50_MS)}"
+    print(
+        f"  latency, httpx client   p50 {raw50:6.2f} ms  p99 {raw99:6.2f} ms  "
+        f"(+{raw50 - native_p50:.2f} ms over native){goal if ours else ''}"
+    )
+    rps = requests_per_second(base_url, api_key, MODEL, args.concurrent_requests)
+    print(f"  32 in flight            {rps:9,.0f} requests/s (openai.AsyncOpenAI)")
+    for label, model in (("Ollama framing", STREAM_MODEL), ("64 KiB framing", BULK_MODEL)):
+        rate, chunks = sse_tokens_per_second(base_url, api_key, model, args.tokens, args.repeats)
+        goal = f"  goal >= {GOAL_SSE_TOKENS:,}: {verdict(rate >= GOAL_SSE_TOKENS)}"
+        print(
+            f"  SSE, {label}     {rate:9,.0f} tokens/s ({args.tokens:,} tokens, {chunks:,} chunks)"
+            f"{goal if ours else ''}"
+        )
+
+
+# --- LiteLLM -------------------------------------------------------------------------------
+
+
+class LiteLLM:
+    """LiteLLM's proxy in front of the same upstream, if it is installed and starts offline."""
+
+    key = "sk-bench-master-key"
+
+    def __init__(self, upstream: str, executable: str | None = None) -> None:
+        self.upstream = upstream
+        self.executable = executable
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> str | None:
+        """Start it; returns why not, or None once it answers."""
+        executable = self.executable or os.path.join(os.path.dirname(sys.executable), "litellm")
+        if not os.path.exists(executable):
+            executable = shutil.which("litellm") or ""
+        if not executable:
+            return "not installed (pip install 'litellm[proxy]', or pass --litellm PATH)"
+        port = free_port()
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
+            config.write(
+                "model_list:\n"
+                + "".join(
+                    f"  - model_name: {name}\n"
+                    f"    litellm_params:\n"
+                    f"      model: ollama_chat/{name}\n"
+                    f"      api_base: {self.upstream}\n"
+                    for name in (MODEL, STREAM_MODEL, BULK_MODEL)
+                )
+            )
+        env = {
+            **os.environ,
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_MASTER_KEY": self.key,
+            "LITELLM_TELEMETRY": "False",
+            "LITELLM_LOG": "ERROR",
+        }
+        self.process = subprocess.Popen(
+            [executable, "--config", config.name, "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(self.url + "/health/liveliness", timeout=120)
+        except httpx.HTTPError:
+            self.process.kill()
+            _, err = self.process.communicate()
+            self.process = None
+            tail = err.decode(errors="replace").strip().splitlines()[-3:]
+            return "did not start: " + " | ".join(tail)
+        return None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=500, help="sequential small requests")
+    parser.add_argument("--concurrent-requests", type=int, default=1000)
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy")
+    parser.add_argument("--litellm", metavar="PATH", help="the litellm command to compare with")
+    args = parser.parse_args()
+
+    ports: Any = multiprocessing.SimpleQueue()
+    upstream_process = multiprocessing.Process(
+        target=_serve_upstream, args=(ports, args.tokens), daemon=True
+    )
+    upstream_process.start()
+    upstream = f"http://127.0.0.1:{ports.get()}"
+    proxy_port = free_port()
+    proxy_process = multiprocessing.Process(
+        target=_serve_proxy, args=(proxy_port, upstream), daemon=True
+    )
+    proxy_process.start()
+    litellm = LiteLLM(upstream, args.litellm)
+    try:
+        proxy = f"http://127.0.0.1:{proxy_port}"
+        wait_for(proxy + "/health")
+        print(
+            f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, openai {openai.__version__}, "
+            f"{args.requests} sequential requests per client"
+        )
+        native_p50, native_p99 = percentiles(native_latency(upstream, args.requests))
+        ceiling = native_stream_tokens_per_second(upstream, args.tokens, args.repeats)
+        print("native: straight to the upstream's /api/chat")
+        print(f"  latency, httpx client   p50 {native_p50:6.2f} ms  p99 {native_p99:6.2f} ms")
+        print(f"  NDJSON, httpx + json    {ceiling:9,.0f} tokens/s (Ollama framing)")
+        measure("aicortex proxy (uvicorn, one process)", proxy + "/v1", "unused", native_p50, args)
+        if args.no_litellm:
+            return
+        reason = litellm.start()
+        if reason is not None:
+            print(f"LiteLLM proxy: skipped, {reason}")
+            return
+        measure("LiteLLM proxy (ollama_chat/)", litellm.url + "/v1", litellm.key, native_p50, args)
+    finally:
+        litellm.stop()
+        proxy_process.kill()
+        upstream_process.kill()
+        proxy_process.join()
+        upstream_process.join()
+
+
+if __name__ == "__main__":
+    main()

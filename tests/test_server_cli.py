@@ -1,0 +1,149 @@
+"""`python -m aicortex serve` end to end: a real process serving the proxy on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fakeollama import FakeOllamaFactory, reply
+
+MODEL = "llama3.2:3b"
+HI = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Proxy:
+    """`python -m aicortex serve ...` in a subprocess, stopped with Ctrl-C (SIGINT)."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "aicortex", "serve", "--port", str(self.port), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_until_up(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                _, err = self.process.communicate()
+                raise AssertionError(f"aicortex serve exited {self.process.returncode}: {err}")
+            try:
+                httpx.get(self.url + "/health", timeout=1)
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        _, err = self.process.communicate()
+        return self.process.returncode, err
+
+
+@pytest.fixture
+def run_proxy() -> Iterator[type[Proxy]]:
+    """Start `aicortex serve` processes; any still running are killed at teardown."""
+    started: list[Proxy] = []
+
+    class Tracked(Proxy):
+        def __init__(self, *args: str) -> None:
+            super().__init__(*args)
+            started.append(self)
+
+    yield Tracked
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="stops the server with SIGINT")
+def test_serve_answers_health_and_chats_then_stops_cleanly(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory
+) -> None:
+    """The command serves /health and a chat through the given server, and Ctrl-C stops it."""
+    server = fake_ollama(chat=reply(["from", " the", " cli"]))
+    proxy = run_proxy("--server", server.url)
+    proxy.wait_until_up()
+    assert httpx.get(proxy.url + "/health").json() == {"status": "ok"}
+    response = httpx.post(proxy.url + "/v1/chat/completions", json=HI, timeout=10)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "from the cli"
+    assert response.headers["x-aicortex-server"] == server.url
+    ready = httpx.get(proxy.url + "/ready").json()
+    assert [u["url"] for u in ready["upstreams"]] == [server.url]  # exactly the --server list
+    code, err = proxy.stop()
+    assert code == 0, err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="stops the server with SIGINT")
+def test_serve_requires_a_key_from_the_key_file(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory, tmp_path: Path
+) -> None:
+    """--api-key-file: requests without one of its keys get 401; /health stays open."""
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text("# proxy keys\nsk-cli-key\n")
+    proxy = run_proxy("--server", fake_ollama().url, "--api-key-file", str(key_file))
+    proxy.wait_until_up()
+    assert httpx.post(proxy.url + "/v1/chat/completions", json=HI).status_code == 401
+    authorized = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        json=HI,
+        headers={"authorization": "Bearer sk-cli-key"},
+        timeout=10,
+    )
+    assert authorized.status_code == 200
+    _, err = proxy.stop()
+    assert "sk-cli-key" not in err
+
+
+def test_serve_with_a_missing_key_file_exits_with_a_message(tmp_path: Path) -> None:
+    """A key file that cannot be read stops the command before it listens, saying why."""
+    missing = tmp_path / "nope.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aicortex",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--api-key-file",
+            str(missing),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "nope.txt" in result.stderr
