@@ -85,7 +85,24 @@ print("wheel OK:", aicortex.__version__, len(aicortex.models()), "models in", fa
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Streaming throughput and import time against plain httpx and ollama-python."""
+    """Client and proxy benchmarks, next to plain httpx, ollama-python and LiteLLM's proxy."""
     install_project(session)
     session.install("ollama")
-    session.run("python", "tests/benchmarks/bench_stream.py", *session.posargs)
+    session.run("python", "tests/benchmarks/bench_stream.py")
+    # LiteLLM lives in a venv of its own so its pins cannot change what is measured.
+    litellm_venv = pathlib.Path(session.virtualenv.location).parent / "bench-litellm"
+    litellm_bin = litellm_venv / ("Scripts" if os.name == "nt" else "bin")
+    if not (litellm_bin / "litellm").exists():
+        session.run("python", "-m", "venv", str(litellm_venv))
+        session.run(
+            str(litellm_bin / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "litellm[proxy]",
+            external=True,
+        )
+    session.run(
+        "python", "tests/benchmarks/bench_proxy.py", "--litellm", str(litellm_bin / "litellm")
+    )
