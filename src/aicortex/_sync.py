@@ -509,30 +509,37 @@ class Stream:
 
     @property
     def model(self) -> str:
+        """The model that answers."""
         return self._stream.model
 
     @property
     def server(self) -> str:
+        """The base URL of the server that answers."""
         return self._stream.server
 
     @property
     def thinking(self) -> str:
+        """The thinking text received so far."""
         return self._stream.thinking
 
     @property
     def tool_calls(self) -> list[ToolCall]:
+        """The tool calls received so far."""
         return self._stream.tool_calls
 
     @property
     def stats(self) -> Stats | None:
+        """Token counts and timings, once the stream has ended."""
         return self._stream.stats
 
     @property
     def done_reason(self) -> str | None:
+        """Why generation stopped (``stop``, ``length``, ...), once it has."""
         return self._stream.done_reason
 
     @property
     def partial_text(self) -> str:
+        """The text received so far."""
         return self._stream.partial_text
 
     def __repr__(self) -> str:
