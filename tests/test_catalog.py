@@ -87,7 +87,7 @@ def small(tmp_path: Path) -> Catalog:
 def test_every_shipped_family_file_validates_with_at_least_four_models(family: str) -> None:
     """Each shipped metadata/<family>.json matches the schema and lists 4+ models."""
     path = REPO_METADATA / f"{family}.json"
-    parsed = FamilyFile.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    parsed = FamilyFile.from_dict(json.loads(path.read_text(encoding="utf-8")))
     assert parsed.family == family
     assert len(parsed.models) >= 4
 
@@ -372,14 +372,14 @@ def test_param_range_integer_default_needs_integer_bounds() -> None:
 def test_param_range_refuses_booleans() -> None:
     """JSON ``true`` is not a number here."""
     with pytest.raises(ValueError, match="valid"):
-        ParamRange.model_validate({"default": True, "min": 0, "max": 1})
+        ParamRange.from_dict({"default": True, "min": 0, "max": 1})
 
 
 def test_model_info_refuses_num_ctx_beyond_context_length() -> None:
     """generation.num_ctx.max cannot exceed the model's context_length."""
     entry = model_dict("a:1b", "alpha", context_length=4096)
     with pytest.raises(ValueError, match="exceeds context_length"):
-        ModelInfo.model_validate(entry)
+        ModelInfo.from_dict(entry)
 
 
 # --------------------------------------------------------------------------- loading

@@ -183,7 +183,7 @@ def test_models_of_one_family_as_json() -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert [m["name"] for m in data] == Catalog().models("gemma")
-    assert data[0] == Catalog().model_info(data[0]["name"]).model_dump(mode="json")
+    assert data[0] == Catalog().model_info(data[0]["name"]).to_dict()
 
 
 def test_an_unknown_family_is_bad_input() -> None:
@@ -214,7 +214,7 @@ def test_info_shows_a_model_entry() -> None:
     assert "  http://localhost:11434  unknown\n" in result.stdout
     assert "  num_ctx         4096     2048  131072\n" in result.stdout
     data = json.loads(aicortex_cmd("info", "llama3.2:3b", "--json").stdout)
-    assert data == info.model_dump(mode="json")
+    assert data == info.to_dict()
 
 
 def test_info_on_an_unknown_model_suggests_close_names() -> None:

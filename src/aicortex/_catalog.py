@@ -24,12 +24,12 @@ import random
 import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, Literal
 
-import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic_core import SchemaValidator
+from pydantic_core import ValidationError as SchemaError
 
 from ._exceptions import ModelNotFoundError, ValidationError
 
@@ -57,99 +57,249 @@ _CUTOFF = 0.6  # difflib.get_close_matches' default
 
 
 # --------------------------------------------------------------------------- schema
+#
+# The records are plain frozen dataclasses; pydantic-core (pydantic's validation
+# engine) checks the JSON against a schema compiled once. That keeps loading the
+# catalog cheap: the offline command line never pays for building pydantic models.
+
+ServerStatus = Literal["up", "down", "unknown"]
 
 
-class ServerEntry(BaseModel):
+@dataclass(frozen=True)
+class ServerEntry:
     """A server known to host a model; ``status`` is the last known state, not live."""
 
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
-
     url: str
-    status: Literal["up", "down", "unknown"] = "unknown"
+    status: ServerStatus = "unknown"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as JSON-ready data."""
+        return asdict(self)
 
 
-class ParamRange(BaseModel):
+def _check_range(data: dict[str, Any]) -> dict[str, Any]:
+    low, default, high = data["min"], data["default"], data["max"]
+    if not low <= default <= high:
+        raise ValueError(
+            f"min <= default <= max does not hold (min={low}, default={default}, max={high})"
+        )
+    if isinstance(default, int) and not (isinstance(low, int) and isinstance(high, int)):
+        raise ValueError(
+            f"default {default} is an integer, so min ({low}) and max ({high}) must be integers too"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class ParamRange:
     """A generation parameter's default and allowed range.
 
     An ``int`` default marks an integer parameter (``top_k``, ``num_ctx``); then
     ``min`` and ``max`` must be integers too.
     """
 
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
+    default: int | float
+    min: int | float
+    max: int | float
 
-    default: StrictInt | StrictFloat
-    min: StrictInt | StrictFloat
-    max: StrictInt | StrictFloat
+    def __post_init__(self) -> None:
+        _check_range({"default": self.default, "min": self.min, "max": self.max})
 
     @property
     def is_int(self) -> bool:
         """True for an integer parameter."""
         return isinstance(self.default, int)
 
-    @model_validator(mode="after")
-    def _check_range(self) -> ParamRange:
-        if not self.min <= self.default <= self.max:
-            raise ValueError(
-                f"min <= default <= max does not hold "
-                f"(min={self.min}, default={self.default}, max={self.max})"
-            )
-        if self.is_int and not (isinstance(self.min, int) and isinstance(self.max, int)):
-            raise ValueError(
-                f"default {self.default} is an integer, so min ({self.min}) and "
-                f"max ({self.max}) must be integers too"
-            )
-        return self
+    @classmethod
+    def from_dict(cls, data: object) -> ParamRange:
+        """Validate ``data`` (decoded JSON); raises ``pydantic_core.ValidationError``."""
+        return _param_range(_validator("range").validate_python(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The range as JSON-ready data."""
+        return asdict(self)
 
 
-class ModelInfo(BaseModel):
+def _check_num_ctx(data: dict[str, Any]) -> dict[str, Any]:
+    num_ctx = data.get("generation", {}).get("num_ctx")
+    if num_ctx is not None and num_ctx["max"] > data["context_length"]:
+        raise ValueError(
+            f"generation.num_ctx.max ({num_ctx['max']}) exceeds "
+            f"context_length ({data['context_length']})"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class ModelInfo:
     """Everything the catalog knows about one model tag, e.g. ``llama3.2:3b``."""
 
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(min_length=1)
-    family: str = Field(min_length=1)
+    name: str
+    family: str
     size: str
     parameters: str
     quantization: str
-    context_length: int = Field(gt=0)
+    context_length: int
     description: str
     tags: list[str]
     servers: list[ServerEntry]
-    generation: dict[str, ParamRange] = Field(default_factory=dict[str, ParamRange])
+    generation: dict[str, ParamRange] = field(default_factory=dict[str, ParamRange])
     default: bool = False
 
-    @model_validator(mode="after")
-    def _check_num_ctx(self) -> ModelInfo:
+    def __post_init__(self) -> None:
         num_ctx = self.generation.get("num_ctx")
-        if num_ctx is not None and num_ctx.max > self.context_length:
+        _check_num_ctx(
+            {
+                "context_length": self.context_length,
+                "generation": {"num_ctx": asdict(num_ctx)} if num_ctx else {},
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: object) -> ModelInfo:
+        """Validate ``data`` (decoded JSON); raises ``pydantic_core.ValidationError``."""
+        return _model_info(_validator("model").validate_python(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model as JSON-ready data, in the catalog file's layout."""
+        return asdict(self)
+
+
+def _check_family(data: dict[str, Any]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for model in data["models"]:
+        if model["family"] != data["family"]:
             raise ValueError(
-                f"generation.num_ctx.max ({num_ctx.max}) exceeds "
-                f"context_length ({self.context_length})"
+                f"model {model['name']!r} has family {model['family']!r}, "
+                f"but the file is for family {data['family']!r}"
             )
-        return self
+        if model["name"] in seen:
+            raise ValueError(f"model {model['name']!r} is listed twice")
+        seen.add(model["name"])
+    return data
 
 
-class FamilyFile(BaseModel):
+@dataclass(frozen=True)
+class FamilyFile:
     """One ``metadata/<family>.json`` file."""
 
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True, extra="forbid")
-
-    family: str = Field(min_length=1)
+    family: str
     models: list[ModelInfo]
 
-    @model_validator(mode="after")
-    def _check_models(self) -> FamilyFile:
-        seen: set[str] = set()
-        for model in self.models:
-            if model.family != self.family:
-                raise ValueError(
-                    f"model {model.name!r} has family {model.family!r}, "
-                    f"but the file is for family {self.family!r}"
-                )
-            if model.name in seen:
-                raise ValueError(f"model {model.name!r} is listed twice")
-            seen.add(model.name)
-        return self
+    def __post_init__(self) -> None:
+        _check_family(
+            {
+                "family": self.family,
+                "models": [{"name": m.name, "family": m.family} for m in self.models],
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: object) -> FamilyFile:
+        """Validate ``data`` (decoded JSON); raises ``pydantic_core.ValidationError``."""
+        valid = _validator("family").validate_python(data)
+        return cls(valid["family"], [_model_info(m) for m in valid["models"]])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's content as JSON-ready data."""
+        return asdict(self)
+
+
+def _param_range(data: dict[str, Any]) -> ParamRange:
+    return ParamRange(data["default"], data["min"], data["max"])
+
+
+def _model_info(data: dict[str, Any]) -> ModelInfo:
+    return ModelInfo(
+        name=data["name"],
+        family=data["family"],
+        size=data["size"],
+        parameters=data["parameters"],
+        quantization=data["quantization"],
+        context_length=data["context_length"],
+        description=data["description"],
+        tags=data["tags"],
+        servers=[ServerEntry(s["url"], s["status"]) for s in data["servers"]],
+        generation={k: _param_range(v) for k, v in data["generation"].items()},
+        default=data["default"],
+    )
+
+
+def _after(check: Any, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "function-after",
+        "function": {"type": "no-info", "function": check},
+        "schema": schema,
+    }
+
+
+def _record(fields: dict[str, dict[str, Any]], **defaults: Any) -> dict[str, Any]:
+    """A typed-dict schema that forbids unknown keys; ``defaults`` makes fields optional."""
+    out: dict[str, Any] = {}
+    for name, schema in fields.items():
+        if name in defaults:
+            factory = defaults[name]
+            default = {"default_factory": factory} if callable(factory) else {"default": factory}
+            out[name] = {
+                "type": "typed-dict-field",
+                "schema": {"type": "default", "schema": schema, **default},
+                "required": False,
+            }
+        else:
+            out[name] = {"type": "typed-dict-field", "schema": schema, "required": True}
+    return {"type": "typed-dict", "fields": out, "extra_behavior": "forbid"}
+
+
+def _schemas() -> dict[str, dict[str, Any]]:
+    text = {"type": "str"}
+    name = {"type": "str", "min_length": 1}
+    number = {
+        "type": "union",
+        "choices": [{"type": "int", "strict": True}, {"type": "float", "strict": True}],
+    }
+    server = _record(
+        {"url": text, "status": {"type": "literal", "expected": ["up", "down", "unknown"]}},
+        status="unknown",
+    )
+    param_range = _after(_check_range, _record({"default": number, "min": number, "max": number}))
+    model = _after(
+        _check_num_ctx,
+        _record(
+            {
+                "name": name,
+                "family": name,
+                "size": text,
+                "parameters": text,
+                "quantization": text,
+                "context_length": {"type": "int", "gt": 0},
+                "description": text,
+                "tags": {"type": "list", "items_schema": text},
+                "servers": {"type": "list", "items_schema": server},
+                "generation": {"type": "dict", "keys_schema": text, "values_schema": param_range},
+                "default": {"type": "bool"},
+            },
+            generation=dict,
+            default=False,
+        ),
+    )
+    family = _after(
+        _check_family,
+        _record({"family": name, "models": {"type": "list", "items_schema": model}}),
+    )
+    return {"range": param_range, "model": model, "family": family}
+
+
+_validators: dict[str, SchemaValidator] = {}
+
+
+def _validator(kind: str) -> SchemaValidator:
+    """The compiled validator for ``kind`` (``range``, ``model`` or ``family``), built once."""
+    validator = _validators.get(kind)
+    if validator is None:
+        for key, schema in _schemas().items():
+            _validators.setdefault(key, SchemaValidator(schema))  # pyright: ignore[reportArgumentType]
+        validator = _validators[kind]
+    return validator
 
 
 # --------------------------------------------------------------------------- loading
@@ -165,7 +315,7 @@ class _Data:
     errors: list[str] = field(default_factory=list[str])
 
 
-def _describe(exc: pydantic.ValidationError) -> str:
+def _describe(exc: SchemaError) -> str:
     """One line per problem: ``models[0].context_length: Input should be ...``."""
     parts: list[str] = []
     for error in exc.errors():
@@ -187,8 +337,8 @@ def _parse(text: str) -> FamilyFile:
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
     try:
-        return FamilyFile.model_validate(raw)
-    except pydantic.ValidationError as exc:
+        return FamilyFile.from_dict(raw)
+    except SchemaError as exc:
         raise ValueError(f"does not match the schema ({_describe(exc)})") from None
 
 
@@ -214,7 +364,7 @@ def _merge(files: Sequence[tuple[str, FamilyFile]], errors: list[str]) -> _Data:
                     f"{source}: model {model.name!r} is flagged default, but "
                     f"{default.name!r} already is; keeping {default.name!r}",
                 )
-                kept = model.model_copy(update={"default": False})
+                kept = replace(model, default=False)
             elif model.default:
                 default = model
             models.append(kept)

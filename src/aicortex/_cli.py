@@ -188,7 +188,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     infos = [catalog.model_info(name) for name in catalog.models(args.family)]
     if args.json:
-        _print_json([info.model_dump(mode="json") for info in infos])
+        _print_json([info.to_dict() for info in infos])
         return EXIT_OK
     if not infos:
         _err(f"{PROG}: the catalog has no models")
@@ -214,7 +214,7 @@ def cmd_families(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     info = _catalog(args).model_info(args.model)
     if args.json:
-        _print_json(info.model_dump(mode="json"))
+        _print_json(info.to_dict())
         return EXIT_OK
     fields = [
         ("model", info.name),

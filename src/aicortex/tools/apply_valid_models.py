@@ -116,7 +116,7 @@ def validate(
 
     ``failure`` starts the error message.
     """
-    import pydantic
+    from pydantic_core import ValidationError as SchemaError
 
     from .._catalog import FamilyFile, _describe  # pyright: ignore[reportPrivateUsage]
 
@@ -127,8 +127,8 @@ def validate(
             problems.append(f"{name!r} is not a plain <family>.json file name")
             continue
         try:
-            family = FamilyFile.model_validate(data)
-        except pydantic.ValidationError as exc:
+            family = FamilyFile.from_dict(data)
+        except SchemaError as exc:
             problems.append(f"{name}: {_describe(exc)}")
             continue
         for model in family.models:
