@@ -40,6 +40,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._version import __version__
+from .tools._common import positive_seconds, server_list
 
 if TYPE_CHECKING:
     from ._catalog import Catalog, ModelInfo
@@ -139,23 +140,6 @@ def _context(tokens: int) -> str:
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
-
-
-def _servers(values: Sequence[str] | None) -> list[str]:
-    """``--server`` values; each may hold several comma-separated URLs."""
-    from ._config import split_servers
-
-    return [url for value in values or () for url in split_servers(value)]
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
-    return value
 
 
 # --------------------------------------------------------------------------- offline commands
@@ -258,7 +242,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ._events import EventType
     from ._sync import Cortex
 
-    servers = _servers(args.server)
+    servers = server_list(args.server)
     printed = ""
     with Cortex(servers or None, model=args.model, fallback=not servers) as cortex:
         stream = cortex.chat(prompt, stream=True, system=args.system)
@@ -330,7 +314,7 @@ def cmd_servers(args: argparse.Namespace) -> int:
     from ._client import AsyncCortex
     from ._config import Timeout
 
-    servers = _servers(args.server)
+    servers = server_list(args.server)
     model: str | None = args.model
 
     async def probe() -> tuple[list[ServerInfo], list[str]]:
@@ -396,7 +380,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from .tools.fetch_models import fetch
     from .tools.resolve_models import resolve
 
-    servers = _servers(args.server)
+    servers = server_list(args.server)
     if args.no_catalog and not servers:
         raise CLIError("--no-catalog needs at least one --server")
     for url in servers:
@@ -596,7 +580,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_server(servers, "probe only this server instead of the usual candidates")
     servers.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=2.0,
         metavar="SECONDS",
         help="give up on a server after this long (default: 2)",
@@ -623,7 +607,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     refresh.add_argument("--dry-run", action="store_true", help="print a diff, write nothing")
     refresh.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=2.0,
         metavar="SECONDS",
         help="probe timeout per server (default: 2)",
