@@ -356,13 +356,15 @@ class AsyncCortex:
         if deadline is not None:
             remaining = max(deadline - anyio.current_time(), 0.0)
             limit = remaining if limit is None else min(limit, remaining)
+        # A fresh timeout dict per request: the idle limit replaces "read" below.
+        timeouts = {
+            "connect": t.connect,
+            "read": t.first_token,
+            "write": t.connect,
+            "pool": t.first_token,
+        }
         request = client.build_request(
-            "POST",
-            CHAT_PATH,
-            json=body,
-            timeout=httpx.Timeout(
-                connect=t.connect, read=t.first_token, write=t.connect, pool=t.first_token
-            ),
+            "POST", self._router.chat_url(url), json=body, extensions={"timeout": timeouts}
         )
         response: httpx.Response | None = None
         with anyio.move_on_after(limit) as scope:
@@ -371,9 +373,7 @@ class AsyncCortex:
                 if response.status_code != 200:
                     raise self._status_error(response, await _read_capped(response))
                 # Once the server answers, the idle limit applies between chunks.
-                timeouts = request.extensions.get("timeout")
-                if isinstance(timeouts, dict):
-                    timeouts["read"] = t.idle
+                timeouts["read"] = t.idle
                 stream = AsyncStream(
                     response,
                     model=model,

@@ -14,7 +14,8 @@ import httpx
 
 from ._config import Timeout
 from ._health import Health, HealthCache, decided
-from ._protocol import TAGS_PATH, VERSION_PATH
+from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH
+from ._transport import PoolClient, Transport
 
 __all__ = ["Router", "describe_error"]
 
@@ -94,6 +95,7 @@ class Router:
         self.cache = HealthCache(health_ttl)
         self._headers = dict(headers or {})
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self._chat_urls: dict[str, httpx.URL] = {}
         self._inflight: dict[str, anyio.Event] = {}
         self._closed = False
 
@@ -115,18 +117,32 @@ class Router:
         client = self._clients.get(url)
         if client is None:
             t = self.timeout
-            client = httpx.AsyncClient(
+            context = _shared_ssl_context()
+            client = PoolClient(
                 base_url=url,
                 headers={"Accept": "application/json", **self._headers},
                 timeout=httpx.Timeout(
                     connect=t.connect, read=t.first_token, write=t.connect, pool=t.first_token
                 ),
                 limits=_LIMITS,
-                verify=_shared_ssl_context(),
+                verify=context,
+                transport=Transport(
+                    ssl_context=context,
+                    max_connections=_LIMITS.max_connections or 100,
+                    max_keepalive_connections=_LIMITS.max_keepalive_connections or 20,
+                    keepalive_expiry=_LIMITS.keepalive_expiry or 30.0,
+                ),
                 follow_redirects=True,
             )
             self._clients[url] = client
         return client
+
+    def chat_url(self, url: str) -> httpx.URL:
+        """The absolute chat URL of ``url``, parsed once: httpx skips parsing it per call."""
+        chat = self._chat_urls.get(url)
+        if chat is None:
+            chat = self._chat_urls[url] = self.client(url).build_request("POST", CHAT_PATH).url
+        return chat
 
     def mark_down(self, url: str, reason: str) -> None:
         """Record a failed real request: ``url`` is skipped until its next probe."""

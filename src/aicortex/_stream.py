@@ -13,6 +13,7 @@ import httpx
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import CortexTimeoutError, StreamError
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
+from ._transport import BODY_EXTENSION, Body
 
 __all__ = ["AsyncStream", "StartFailed"]
 
@@ -65,8 +66,10 @@ class AsyncStream:
     ) -> None:
         self._response = response
         # Without a content-encoding the raw byte stream is the body: reading it
-        # directly skips two generator layers per chunk on the hot path.
-        raw = response.stream
+        # directly skips generator layers per chunk on the hot path.
+        body = response.extensions.get(BODY_EXTENSION)
+        self._body = body if isinstance(body, Body) else None
+        raw = response.stream if self._body is None else self._body
         self._chunks: AsyncIterator[bytes]
         if isinstance(raw, httpx.AsyncByteStream) and response.headers.get(
             "content-encoding", "identity"
@@ -92,6 +95,7 @@ class AsyncStream:
         self._error: StreamError | None = None
         self._stats: Stats | None = None
         self._done_reason: str | None = None
+        self._released = False
 
     # -- public surface ------------------------------------------------------
 
@@ -372,7 +376,14 @@ class AsyncStream:
 
     async def _release(self, *, drain: bool = False) -> None:
         """Give the connection back: after a clean end, read the (empty) rest of the
-        body so the connection can be reused; otherwise close it."""
+        body so the connection can be reused; otherwise close it. Runs once."""
+        if self._released:
+            return
+        self._released = True
+        if self._body is not None and self._body.finished:
+            # The transport already took the connection back; closing does no I/O.
+            await self._response.aclose()
+            return
         with anyio.CancelScope(shield=True):
             if drain:
                 with anyio.move_on_after(1.0):
