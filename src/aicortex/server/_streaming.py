@@ -7,6 +7,7 @@ closed, so Ollama stops generating for nobody.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,36 @@ async def unless_disconnected(
 
     Call it only once the request body has been read.
     """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return await _unless_disconnected(receive, work)
+    # On asyncio a bare task watches: a task group costs ~0.15 ms per request on a
+    # modest CPU, mostly to deliver the cancellation that ends the watcher.
+    with anyio.CancelScope() as scope:
+
+        async def watch() -> None:
+            await _wait_for_disconnect(receive)
+            scope.cancel()
+
+        watcher = loop.create_task(watch())
+        watcher.add_done_callback(_retrieve)
+        try:
+            return (await work(),)
+        finally:
+            watcher.cancel()
+    return None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a watcher's outcome as seen, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _unless_disconnected(
+    receive: Receive, work: Callable[[], Awaitable[_T]]
+) -> tuple[_T] | None:
     result: list[_T] = []
     failure: list[Exception] = []
     async with anyio.create_task_group() as tg:
