@@ -13,6 +13,7 @@ pytest-httpx), requests go through httpx's default transport so the double sees 
 
 from __future__ import annotations
 
+import math
 import select
 import ssl
 import time
@@ -56,6 +57,10 @@ def _timeout(request: httpx.Request, kind: str) -> float | None:
     return timeouts.get(kind)
 
 
+def _deadline(timeout: float | None) -> float:
+    return math.inf if timeout is None else anyio.current_time() + timeout
+
+
 def _readable(sock: Any) -> bool:
     """Whether an idle socket has something to read: the peer closed it (or sent junk)."""
     try:
@@ -91,31 +96,36 @@ class _Connection:
         return self.socket is None or _readable(self.socket)
 
     async def send(self, data: bytes, timeout: float | None) -> None:
+        """Send ``data``; with ``timeout`` None the caller enforces any limit."""
+        scope = None if timeout is None else anyio.CancelScope(deadline=_deadline(timeout))
         try:
-            if timeout is None:
+            if scope is None:
                 await self.stream.send(data)
             else:
-                with anyio.fail_after(timeout):
+                with scope:
                     await self.stream.send(data)
-        except TimeoutError:
-            raise httpx.WriteTimeout(f"sending the request took over {timeout:g}s") from None
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
+        if scope is not None and scope.cancelled_caught:
+            raise httpx.WriteTimeout(f"sending the request took over {timeout:g}s")
 
     async def receive(self, timeout: float | None) -> bool:
-        """Append one network read to the buffer; False when the peer has closed."""
+        """Append one network read to the buffer; False when the peer has closed.
+        With ``timeout`` None the caller enforces any limit."""
+        scope = None if timeout is None else anyio.CancelScope(deadline=_deadline(timeout))
+        data = b""
         try:
-            if timeout is None:
+            if scope is None:
                 data = await self.stream.receive(_READ_SIZE)
             else:
-                with anyio.fail_after(timeout):
+                with scope:
                     data = await self.stream.receive(_READ_SIZE)
-        except TimeoutError:
-            raise httpx.ReadTimeout(f"no data for {timeout:g}s") from None
         except anyio.EndOfStream:
             return False
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        if scope is not None and scope.cancelled_caught:
+            raise httpx.ReadTimeout(f"no data for {timeout:g}s")
         if self.pos < len(self.buffer):
             self.buffer = self.buffer[self.pos :] + data
         else:
@@ -255,20 +265,35 @@ class Transport(httpx.AsyncBaseTransport):
         self, conn: _Connection, request: httpx.Request, head: bytes, body: bytes | None
     ) -> httpx.Response:
         write_timeout = _timeout(request, "write")
-        try:
-            await conn.send(head, write_timeout)
-            if body:
-                await conn.send(body, write_timeout)
-            elif body is None:
-                await self._send_stream(conn, request, write_timeout)
-        except httpx.WriteError as exc:
-            if conn.reused:
-                raise _StaleConnection(exc) from None
-            raise
-        while True:
-            response_head = await self._read_head(conn, request)
-            if response_head.status >= 200 or response_head.status == 101:
-                break  # 1xx interim responses come before the real one
+        read_timeout = _timeout(request, "read")
+        response_head: ResponseHead | None = None
+        writing = True
+        # One scope covers the request and the response head (a scope costs more than
+        # a small exchange): its deadline moves from the write to the read timeout.
+        with anyio.CancelScope(deadline=_deadline(write_timeout)) as scope:
+            try:
+                await conn.send(head, None)
+                if body:
+                    await conn.send(body, None)
+                elif body is None:
+                    scope.deadline = math.inf  # each part of a streamed body has its own
+                    await self._send_stream(conn, request, write_timeout)
+            except httpx.WriteError as exc:
+                if conn.reused:
+                    raise _StaleConnection(exc) from None
+                raise
+            writing = False
+            scope.deadline = _deadline(read_timeout)
+            while True:
+                response_head = await self._read_head(conn, request)
+                if response_head.status >= 200 or response_head.status == 101:
+                    break  # 1xx interim responses come before the real one
+        if response_head is None:  # the scope's deadline passed
+            if writing:
+                raise httpx.WriteTimeout(
+                    f"sending the request took over {write_timeout:g}s", request=request
+                )
+            raise httpx.ReadTimeout(f"no response within {read_timeout:g}s", request=request)
         if response_head.status == 101:
             raise httpx.RemoteProtocolError(
                 "the server switched protocols, which aicortex does not support",
@@ -310,7 +335,7 @@ class Transport(httpx.AsyncBaseTransport):
             await conn.send(b"0\r\n\r\n", timeout)
 
     async def _read_head(self, conn: _Connection, request: httpx.Request) -> ResponseHead:
-        timeout = _timeout(request, "read")
+        """Read a response head; the caller's scope enforces the read timeout."""
         received_any = conn.pos < len(conn.buffer)
         while True:
             end = conn.buffer.find(b"\r\n\r\n", conn.pos)
@@ -321,7 +346,7 @@ class Transport(httpx.AsyncBaseTransport):
                     f"the response head is larger than {MAX_HEAD} bytes", request=request
                 )
             try:
-                more = await conn.receive(timeout)
+                more = await conn.receive(None)
             except httpx.ReadError as exc:
                 if conn.reused and not received_any:
                     raise _StaleConnection(exc) from None
