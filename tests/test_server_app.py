@@ -375,6 +375,20 @@ def test_a_non_streamed_answer_that_breaks_midway_is_asked_again_elsewhere(
     assert response.headers["x-aicortex-server"] == second.url
 
 
+def test_a_non_streamed_answer_that_breaks_everywhere_is_503_naming_each_server(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory
+) -> None:
+    """Every server cuts the answer: 503, and the message says how each one failed."""
+    first = fake_ollama(chat=cut_after(["par", "tial"], 1))
+    second = fake_ollama(chat=cut_after(["half"], 1))
+    response = httpx.post(serve(servers=[first.url, second.url]) + "/v1/chat/completions", json=HI)
+    assert response.status_code == 503
+    error = error_of(response)
+    assert error["code"] == "upstream_unavailable"
+    assert f"{first.url}: broke mid-answer" in error["message"]
+    assert f"{second.url}: broke mid-answer" in error["message"]
+
+
 def test_an_unknown_model_is_404_model_not_found_with_close_matches(
     serve: ServeFactory, fake_ollama: FakeOllamaFactory
 ) -> None:

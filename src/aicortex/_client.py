@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Any, Literal, TypedDict, cast, overload
+from typing import Any, Literal, NamedTuple, TypedDict, cast, overload
 
 import anyio
 import httpx
@@ -36,7 +36,7 @@ from ._router import Router, describe_error
 from ._stream import AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
 
-__all__ = ["ApiRequest", "AsyncCortex"]
+__all__ = ["ApiRequest", "AsyncCortex", "whole_answer"]
 
 logger = logging.getLogger("aicortex")
 
@@ -52,6 +52,16 @@ class ApiRequest(TypedDict):
     url: str
     path: str
     json: dict[str, Any]
+
+
+class _Call(NamedTuple):
+    """A planned chat: what to send, to which servers, within which limits."""
+
+    body: dict[str, Any]
+    model: str
+    candidates: list[str]
+    timeout: Timeout
+    deadline: float | None
 
 
 class _ModelMissing(Exception):
@@ -252,6 +262,39 @@ class AsyncCortex:
         that is already connected (its first token has arrived). Failures before
         the first token move on to the next server; see the README for the rules.
         """
+        call = self._prepare(
+            prompt,
+            model=model,
+            server_url=server_url,
+            system=system,
+            options=options,
+            format=format,
+            tools=tools,
+            images=images,
+            think=think,
+            keep_alive=keep_alive,
+            timeout=timeout,
+        )
+        if stream:
+            return await self._open(call, [])
+        return (await self._collect(call)).partial_text
+
+    def _prepare(
+        self,
+        prompt: Prompt,
+        *,
+        model: str | None = None,
+        server_url: str | None = None,
+        system: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        images: Sequence[str | bytes | PathLike[str]] | None = None,
+        think: bool | Literal["low", "medium", "high", "max"] | None = None,
+        keep_alive: float | str | None = None,
+        timeout: Timeout | None = None,
+    ) -> _Call:
+        """Check a chat's arguments and plan it: body, servers to try, limits."""
         self._router.check_open()
         model = model or self.default_model()
         body = build_chat_body(
@@ -267,27 +310,19 @@ class AsyncCortex:
         t = timeout if timeout is not None else self._timeout
         if not isinstance(t, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError("timeout must be an aicortex.Timeout.")
-        candidates = self.candidates(model, server_url)
         deadline = None if t.total is None else anyio.current_time() + t.total
-        if stream:
-            return await self._open(body, model, candidates, t, deadline, [])
-        return await self._collect(body, model, candidates, t, deadline)
+        return _Call(body, model, self.candidates(model, server_url), t, deadline)
 
-    async def _collect(
-        self,
-        body: dict[str, Any],
-        model: str,
-        candidates: list[str],
-        t: Timeout,
-        deadline: float | None,
-    ) -> str:
-        # Nothing has reached the caller yet, so a stream that breaks midway is
-        # simply retried on the next server.
+    async def _collect(self, call: _Call) -> AsyncStream:
+        """A stream read to its end. Nothing has reached the caller yet, so a stream
+        that breaks midway is retried on the next server; when none is left,
+        :class:`ServerError` lists every server and why it failed."""
         attempts: list[Attempt] = []
         while True:
-            stream = await self._open(body, model, candidates, t, deadline, attempts)
+            stream = await self._open(call, attempts)
             try:
-                return await stream.text()
+                await stream.text()
+                return stream
             except StreamError as exc:
                 cause = exc.__cause__
                 if isinstance(cause, CortexTimeoutError) and cause.phase == "total":
@@ -296,15 +331,8 @@ class AsyncCortex:
             finally:
                 await stream.aclose()
 
-    async def _open(
-        self,
-        body: dict[str, Any],
-        model: str,
-        candidates: list[str],
-        t: Timeout,
-        deadline: float | None,
-        attempts: list[Attempt],
-    ) -> AsyncStream:
+    async def _open(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
+        body, model, candidates, t, deadline = call
         tried = {a.server for a in attempts}
         missing_on: list[str] = []
         skipped: list[Attempt] = []
@@ -500,6 +528,31 @@ class AsyncCortex:
     def random_llm_params(self, model: str, seed: int | None = None) -> dict[str, int | float]:
         """Generation parameters drawn within the catalog's ranges; same seed, same result."""
         return self.catalog.random_llm_params(model, seed=seed)
+
+
+async def whole_answer(
+    cortex: AsyncCortex,
+    prompt: Prompt,
+    *,
+    model: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    format: str | Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    think: bool | Literal["low", "medium", "high", "max"] | None = None,
+    keep_alive: float | str | None = None,
+) -> AsyncStream:
+    """A chat's whole answer as a finished :class:`AsyncStream`: its text, thinking,
+    tool calls and stats, with the same retries as ``chat()`` without streaming."""
+    call = cortex._prepare(  # pyright: ignore[reportPrivateUsage]
+        prompt,
+        model=model,
+        options=options,
+        format=format,
+        tools=tools,
+        think=think,
+        keep_alive=keep_alive,
+    )
+    return await cortex._collect(call)  # pyright: ignore[reportPrivateUsage]
 
 
 class _AttemptError(Exception):

@@ -122,7 +122,7 @@ class _ChatCompletions(_Endpoint):
             )
             await response(scope, receive, send)
             return
-        collected = await unless_disconnected(receive, lambda: collect(cortex, call, rid))
+        collected = await unless_disconnected(receive, lambda: collect(cortex, call))
         if collected is None:
             logger.info("[%s] the client went away; the request was cancelled", rid, extra=extra)
             return
@@ -132,7 +132,7 @@ class _ChatCompletions(_Endpoint):
             id=cid,
             created=created,
             model=call.model,
-            text=answer.text,
+            text=answer.partial_text,
             thinking=answer.thinking,
             tool_calls=answer.tool_calls,
             done_reason=answer.done_reason,

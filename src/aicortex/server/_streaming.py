@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 
-from .._client import AsyncCortex
-from .._events import EventType, Stats, ToolCall
+from .._client import AsyncCortex, whole_answer
+from .._events import EventType
 from .._exceptions import StreamError
 from .._stream import AsyncStream
 from ._errors import API_ERROR, error_body
 from ._gateway import Receive, Send
 from ._translate import DONE, ChatCall, ChunkWriter, frame
 
-__all__ = ["Answer", "SSEResponse", "collect", "open_stream", "unless_disconnected"]
+__all__ = ["SSEResponse", "collect", "open_stream", "unless_disconnected"]
 
 logger = logging.getLogger("aicortex.server")
 
@@ -113,42 +112,20 @@ async def open_stream(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
     )
 
 
-@dataclass
-class Answer:
-    """A whole answer, collected from a stream."""
-
-    server: str
-    text: str
-    thinking: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list[ToolCall])
-    done_reason: str | None = None
-    stats: Stats | None = None
-
-
-async def collect(cortex: AsyncCortex, call: ChatCall, request_id: str) -> Answer:
-    """The whole answer. Nothing has reached the client yet, so an answer that breaks
-    midway is asked again (the broken server is marked down and skipped)."""
-    failure: StreamError | None = None
-    for _ in range(max(len(cortex.candidates(call.model)), 1)):
-        stream = await open_stream(cortex, call)
-        try:
-            text = await stream.text()
-        except StreamError as exc:
-            logger.warning("[%s] retrying: %s", request_id, exc, extra={"request_id": request_id})
-            failure = exc
-            continue
-        finally:
-            await stream.aclose()
-        return Answer(
-            server=stream.server,
-            text=text,
-            thinking=stream.thinking,
-            tool_calls=stream.tool_calls,
-            done_reason=stream.done_reason,
-            stats=stream.stats,
-        )
-    assert failure is not None
-    raise failure
+async def collect(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
+    """The whole answer, as a finished stream. Nothing has reached the client yet, so
+    an answer that breaks midway is asked again on the next server (the broken one is
+    marked down)."""
+    return await whole_answer(
+        cortex,
+        call.messages,
+        model=call.model,
+        options=call.options,
+        format=call.format,
+        tools=call.tools,
+        think=call.think,
+        keep_alive=call.keep_alive,
+    )
 
 
 class SSEResponse:
