@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -96,7 +96,7 @@ class Gateway:
             return
         incoming = _header(scope, b"x-request-id")
         text = incoming.decode("latin-1") if incoming else ""
-        request_id = text if _SANE_ID.fullmatch(text) else uuid.uuid4().hex
+        request_id = text if _SANE_ID.fullmatch(text) else secrets.token_hex(16)
         scope[REQUEST_ID] = request_id
         id_header = (b"x-request-id", request_id.encode())
         started = False
@@ -125,20 +125,23 @@ class Gateway:
                 await send_error(send_with_id, error)
 
 
-async def read_body(scope: dict[str, Any], receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes and 400 unless JSON."""
-    length = _header(scope, b"content-length")
-    too_large = ProxyError(
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(
         413,
         f"The request body is larger than this proxy accepts ({limit:,} bytes).",
         code="request_too_large",
         headers={"connection": "close"},
     )
+
+
+async def read_body(scope: dict[str, Any], receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes and 400 unless JSON."""
+    length = _header(scope, b"content-length")
     if length is not None:
         if not length.isdigit():
             raise ProxyError(400, "The Content-Length header is not a number.")
         if int(length) > limit:
-            raise too_large
+            raise _too_large(limit)
     content_type = _header(scope, b"content-type")
     if content_type is not None:
         media = content_type.split(b";", 1)[0].strip().lower()
@@ -157,7 +160,7 @@ async def read_body(scope: dict[str, Any], receive: Receive, limit: int) -> byte
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -238,11 +238,14 @@ def _reject_constant(name: str) -> object:
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def decode_json(body: bytes) -> object:
     """Parse a request body; raises a 400 :class:`ProxyError` when it is not UTF-8 JSON."""
     try:
         text = body.decode()
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = _decode(text)
     except RecursionError:
         raise ProxyError(400, "The request body is nested too deeply.") from None
     except ValueError as exc:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-import uuid
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
@@ -246,7 +246,7 @@ def to_chat_call(request: ChatRequest) -> ChatCall:
 
 def completion_id() -> str:
     """A fresh ``chatcmpl-...`` id."""
-    return "chatcmpl-" + uuid.uuid4().hex
+    return "chatcmpl-" + secrets.token_hex(16)
 
 
 def finish_reason(has_tool_calls: bool, done_reason: str | None) -> str:
@@ -268,7 +268,7 @@ def tool_call_dicts(calls: Sequence[ToolCall], first_index: int = 0) -> list[dic
     return [
         {
             "index": first_index + k,
-            "id": call.id or "call_" + uuid.uuid4().hex[:24],
+            "id": call.id or "call_" + secrets.token_hex(12),
             "type": "function",
             "function": {"name": call.name, "arguments": _compact(call.arguments)},
         }
