@@ -14,6 +14,7 @@ import pytest
 import respx
 import trustme
 
+from aicortex import AsyncCortex
 from aicortex._transport import Body, PoolClient, Transport
 
 Handler = Callable[["Peer"], Awaitable[None]]
@@ -531,3 +532,49 @@ class socket_port:
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+
+
+# -- proxies from the environment -------------------------------------------------
+
+
+async def test_a_proxy_from_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set, requests to a server go to the proxy in absolute form."""
+    tags = b'{"models":[{"name":"llama3.2:3b","model":"llama3.2:3b"}]}'
+    async with serving(answer_each(ok(tags, b"Content-Type: application/json"))) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        async with AsyncCortex(["http://ollama.example:11434"], fallback=False) as cortex:
+            info = await cortex.server_info()
+    assert info.up
+    assert info.models == ("llama3.2:3b",)
+    request_lines = [head.split(b"\r\n", 1)[0] for head, _ in proxy.requests]
+    assert b"GET http://ollama.example:11434/api/tags HTTP/1.1" in request_lines
+
+
+async def test_no_proxy_keeps_a_server_direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server listed in NO_PROXY is reached directly, through aicortex's transport."""
+    tags = b'{"models":[]}'
+    async with serving(answer_each(ok(tags, b"Content-Type: application/json"))) as server:
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        async with AsyncCortex([server.url], fallback=False) as cortex:
+            assert (await cortex.server_info()).up
+    request_lines = {head.split(b"\r\n", 1)[0] for head, _ in server.requests}
+    assert b"GET /api/tags HTTP/1.1" in request_lines  # origin form: no proxy between
+
+
+async def test_a_double_that_patches_httpx_transport_sees_the_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pytest-httpx style: patching ``httpx.AsyncHTTPTransport`` reroutes the requests."""
+    seen: list[str] = []
+
+    async def fake(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, text="from the double")
+
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", fake)
+    async with client() as http:
+        assert (await http.get("http://127.0.0.1:9/x")).text == "from the double"
+    assert seen == ["http://127.0.0.1:9/x"]

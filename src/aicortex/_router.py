@@ -6,6 +6,8 @@ import logging
 import socket
 import ssl
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -31,6 +33,18 @@ def _shared_ssl_context() -> ssl.SSLContext:
     if _ssl_context is None:
         _ssl_context = httpx.create_ssl_context()
     return _ssl_context
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment (``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``...) sends
+    requests to ``url`` through a proxy."""
+    proxies = urllib.request.getproxies()
+    if not proxies:
+        return False
+    parts = urllib.parse.urlsplit(url)
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2])
 
 
 def describe_error(exc: BaseException, timeout: Timeout) -> str:
@@ -126,7 +140,11 @@ class Router:
                 ),
                 limits=_LIMITS,
                 verify=context,
-                transport=Transport(
+                # Through a proxy from the environment, httpx's own transport does the
+                # work (httpx ignores those variables when given a transport).
+                transport=None
+                if _proxied(url)
+                else Transport(
                     ssl_context=context,
                     max_connections=_LIMITS.max_connections or 100,
                     max_keepalive_connections=_LIMITS.max_keepalive_connections or 20,
