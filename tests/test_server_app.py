@@ -389,6 +389,23 @@ def test_a_non_streamed_answer_that_breaks_everywhere_is_503_naming_each_server(
     assert f"{second.url}: broke mid-answer" in error["message"]
 
 
+def test_running_out_of_total_time_is_504_upstream_timeout(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory
+) -> None:
+    """The answer takes longer than Timeout.total: 504, and the message says which limit."""
+    server = fake_ollama(chat=stall_after(["slow"], 1))
+    limits = Timeout(connect=1.0, first_token=5.0, idle=5.0, total=0.5, probe=0.5)
+    started = time.monotonic()
+    response = httpx.post(
+        serve(servers=[server.url], timeout=limits) + "/v1/chat/completions", json=HI, timeout=10
+    )
+    assert time.monotonic() - started < 3
+    assert response.status_code == 504
+    error = error_of(response)
+    assert error["code"] == "upstream_timeout"
+    assert "total" in error["message"]
+
+
 def test_an_unknown_model_is_404_model_not_found_with_close_matches(
     serve: ServeFactory, fake_ollama: FakeOllamaFactory
 ) -> None:
