@@ -18,6 +18,7 @@ from aicortex import AsyncCortex
 from aicortex._transport import Body, PoolClient, Transport
 
 Handler = Callable[["Peer"], Awaitable[None]]
+CONTEXT = ssl.create_default_context()
 
 
 @dataclass
@@ -140,7 +141,7 @@ def answer_each(response: bytes, *, close_after: int | None = None) -> Handler:
 
 
 def client(**kwargs: object) -> httpx.AsyncClient:
-    transport = Transport(ssl_context=ssl.create_default_context, **kwargs)  # type: ignore[arg-type]
+    transport = Transport(ssl_context=CONTEXT, **kwargs)  # type: ignore[arg-type]
     return httpx.AsyncClient(transport=transport, timeout=5)
 
 
@@ -250,7 +251,7 @@ async def test_a_connection_closed_as_it_is_reused_is_retried_once() -> None:
         await peer.send(ok(b"second"))
 
     async with serving(handle) as server:
-        transport = Transport(ssl_context=ssl.create_default_context)
+        transport = Transport(ssl_context=CONTEXT)
         async with httpx.AsyncClient(transport=transport, timeout=5) as http:
             assert (await http.get(server.url)).text == "first"
             assert (await http.get(server.url)).text == "second"
@@ -479,7 +480,7 @@ async def test_https_with_a_trusted_certificate() -> None:
 async def test_unsupported_schemes_and_bad_headers_fail_before_any_io() -> None:
     """Only http and https are spoken; a header that could split the head is refused."""
     async with client() as http:
-        transport = Transport(ssl_context=ssl.create_default_context)
+        transport = Transport(ssl_context=CONTEXT)
         with pytest.raises(httpx.UnsupportedProtocol):
             await transport.handle_async_request(httpx.Request("GET", "ftp://127.0.0.1/"))
         request = httpx.Request("GET", "http://127.0.0.1:9/", headers={"X-A": "ok"})
@@ -509,7 +510,7 @@ async def test_the_pool_client_keeps_cookies_only_when_they_are_set() -> None:
         await peer.send(ok(b"c"))
 
     async with serving(handle) as server:
-        transport = Transport(ssl_context=ssl.create_default_context)
+        transport = Transport(ssl_context=CONTEXT)
         async with PoolClient(transport=transport, timeout=5) as http:
             await http.get(server.url)
             await http.get(server.url)

@@ -32,7 +32,7 @@ from ._exceptions import (
 )
 from ._health import NOT_PROBED, ServerInfo, plan_attempts, unique
 from ._protocol import CHAT_PATH, Message, build_chat_body, build_messages, classify_status
-from ._router import Router, describe_error
+from ._router import Router, describe_error, request_timeouts
 from ._stream import AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
 
@@ -385,13 +385,7 @@ class AsyncCortex:
         if deadline is not None:
             remaining = max(deadline - anyio.current_time(), 0.0)
             limit = remaining if limit is None else min(limit, remaining)
-        # A fresh timeout dict per request: the idle limit replaces "read" below.
-        timeouts = {
-            "connect": t.connect,
-            "read": t.first_token,
-            "write": t.connect,
-            "pool": t.first_token,
-        }
+        timeouts = request_timeouts(t)  # the idle limit replaces "read" below
         request = client.build_request(
             "POST", self._router.chat_url(url), json=body, extensions={"timeout": timeouts}
         )

@@ -19,7 +19,7 @@ from ._health import Health, HealthCache, decided
 from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH
 from ._transport import PoolClient, Transport
 
-__all__ = ["Router", "describe_error"]
+__all__ = ["Router", "describe_error", "request_timeouts"]
 
 logger = logging.getLogger("aicortex")
 
@@ -33,6 +33,12 @@ def _shared_ssl_context() -> ssl.SSLContext:
     if _ssl_context is None:
         _ssl_context = httpx.create_ssl_context()
     return _ssl_context
+
+
+def request_timeouts(t: Timeout) -> dict[str, float | None]:
+    """httpx's timeouts for a request to a server, as a fresh dict (a caller may change
+    ``read`` once the response has started)."""
+    return {"connect": t.connect, "read": t.first_token, "write": t.connect, "pool": t.first_token}
 
 
 def _proxied(url: str) -> bool:
@@ -135,9 +141,7 @@ class Router:
             client = PoolClient(
                 base_url=url,
                 headers={"Accept": "application/json", **self._headers},
-                timeout=httpx.Timeout(
-                    connect=t.connect, read=t.first_token, write=t.connect, pool=t.first_token
-                ),
+                timeout=httpx.Timeout(**request_timeouts(t)),
                 limits=_LIMITS,
                 verify=context,
                 # Through a proxy from the environment, httpx's own transport does the

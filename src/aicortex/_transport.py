@@ -17,7 +17,7 @@ import math
 import select
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import anyio
@@ -91,7 +91,8 @@ class _Connection:
         self.reused = False
 
     def stale(self, now: float) -> bool:
-        if now >= self.expires or self.pos < len(self.buffer):
+        # Only connections with nothing left unread are pooled (see Transport.release).
+        if now >= self.expires:
             return True
         return self.socket is None or _readable(self.socket)
 
@@ -208,7 +209,7 @@ class Transport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         *,
-        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
+        ssl_context: ssl.SSLContext,
         max_connections: int = 100,
         max_keepalive_connections: int = 20,
         keepalive_expiry: float = 30.0,
@@ -408,12 +409,12 @@ class Transport(httpx.AsyncBaseTransport):
             with anyio.fail_after(timeout):
                 stream = await anyio.connect_tcp(host, port)
                 if scheme == b"https":
-                    context = self._ssl_context
-                    if not isinstance(context, ssl.SSLContext):
-                        context = self._ssl_context = context()
                     try:
                         stream = await TLSStream.wrap(
-                            stream, hostname=host, ssl_context=context, standard_compatible=False
+                            stream,
+                            hostname=host,
+                            ssl_context=self._ssl_context,
+                            standard_compatible=False,
                         )
                     except BaseException:
                         await anyio.aclose_forcefully(stream)
@@ -447,11 +448,8 @@ class Transport(httpx.AsyncBaseTransport):
 
     def _fallback_transport(self) -> httpx.AsyncHTTPTransport:
         if self._fallback is None:
-            context = self._ssl_context
-            if not isinstance(context, ssl.SSLContext):
-                context = self._ssl_context = context()
             self._fallback = httpx.AsyncHTTPTransport(
-                verify=context,
+                verify=self._ssl_context,
                 limits=httpx.Limits(
                     max_connections=self._max_connections,
                     max_keepalive_connections=self._max_keepalive,
