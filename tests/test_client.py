@@ -20,7 +20,9 @@ from aicortex import (
 )
 from fakeollama import (
     BlackHoleFactory,
+    Exchange,
     FakeOllamaFactory,
+    Script,
     busy,
     cut_after,
     error_after,
@@ -80,6 +82,59 @@ async def test_options_and_ollama_knobs_reach_the_server(fake_ollama: FakeOllama
     assert sent.json["format"] == "json"
     assert sent.json["keep_alive"] == "10m"
     assert sent.json["think"] is False
+
+
+async def test_the_chat_request_carries_the_usual_headers(fake_ollama: FakeOllamaFactory) -> None:
+    """Host, JSON type, exact length and the client's own headers, on every request."""
+    server = fake_ollama(chat=[reply("one"), reply("two")])
+    async with cortex(server.url, headers={"X-Team": "search"}) as client:
+        await client.chat("first", model=MODEL)
+        await client.chat("second, with é", model=MODEL)
+    sent = [r for r in server.requests if r.path == "/api/chat"]
+    assert [r.json["messages"][0]["content"] for r in sent] == ["first", "second, with é"]
+    for request in sent:
+        assert request.headers["host"] == server.url.removeprefix("http://")
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["content-length"] == str(len(request.body))
+        assert request.headers["accept"] == "application/json"
+        assert request.headers["x-team"] == "search"
+        assert "cookie" not in request.headers
+
+
+class _SetsCookie(Script):
+    async def run(self, exchange: Exchange) -> None:
+        line = {"model": MODEL, "message": {"role": "assistant", "content": "hi"}, "done": True}
+        body = json.dumps(line).encode() + b"\n"
+        headers = {"Set-Cookie": "route=gpu-2; Path=/"}
+        await exchange.respond(200, body, "application/x-ndjson", headers=headers)
+
+
+async def test_a_cookie_the_server_sets_is_sent_back(fake_ollama: FakeOllamaFactory) -> None:
+    """A load balancer's session cookie comes back on the next chat to that server."""
+    server = fake_ollama(chat=[_SetsCookie(), reply("again")])
+    async with cortex(server.url) as client:
+        assert await client.chat("first", model=MODEL) == "hi"
+        assert await client.chat("second", model=MODEL) == "again"
+    first, second = [r for r in server.requests if r.path == "/api/chat"]
+    assert "cookie" not in first.headers
+    assert second.headers["cookie"] == "route=gpu-2"
+    assert second.headers["content-length"] == str(len(second.body))
+    assert second.json["messages"][0]["content"] == "second"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"temperature": float("nan")}, "Out of range float"), ({"mirostat": {1}}, "not JSON")],
+)
+async def test_a_chat_that_is_not_json_fails_before_any_request(
+    fake_ollama: FakeOllamaFactory, options: dict[str, object], match: str
+) -> None:
+    """NaN or an arbitrary object in the options is a ValidationError, and nothing is sent."""
+    server = fake_ollama()
+    async with cortex(server.url) as client:
+        with pytest.raises(ValidationError, match=match):
+            await client.chat("hi", model=MODEL, options=options)
+    assert server.count("/api/chat") == 0
 
 
 async def test_a_refused_port_fails_over_to_the_next_server(fake_ollama: FakeOllamaFactory) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ import pytest
 import respx
 import trustme
 
-from aicortex import AsyncCortex
+from aicortex import AsyncCortex, _transport
 from aicortex._transport import Body, PoolClient, Transport
 
 Handler = Callable[["Peer"], Awaitable[None]]
@@ -475,6 +476,40 @@ async def test_https_with_a_trusted_certificate() -> None:
             with pytest.raises(httpx.ConnectError):
                 await http.get(url)
     assert server.connections == 2
+
+
+async def test_the_shared_tls_context_is_made_only_for_https(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Plain http never loads the CA bundle; the first https connection makes the shared
+    context once, and later transports reuse it."""
+    for name in [n for n in os.environ if n.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    made: list[ssl.SSLContext] = []
+
+    def create_ssl_context() -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        made.append(context)
+        return context
+
+    monkeypatch.setattr(_transport, "_shared_context", None)
+    monkeypatch.setattr(httpx, "create_ssl_context", create_ssl_context)
+    async with (
+        serving(answer_each(ok(b"plain"))) as server,
+        AsyncCortex([server.url], fallback=False) as cortex,
+    ):
+        pool = cortex._router.client(server.url)  # pyright: ignore[reportPrivateUsage]
+        assert (await pool.get("/")).text == "plain"
+    assert made == []
+    async with serving(answer_each(ok(b"secret")), tls=server_context) as server:
+        for _ in range(2):
+            async with httpx.AsyncClient(transport=Transport(), timeout=5) as http:
+                assert (await http.get(f"https://127.0.0.1:{server.port}")).text == "secret"
+    assert len(made) == 1
 
 
 async def test_unsupported_schemes_and_bad_headers_fail_before_any_io() -> None:

@@ -31,7 +31,14 @@ from ._exceptions import (
     ValidationError,
 )
 from ._health import NOT_PROBED, ServerInfo, plan_attempts, unique
-from ._protocol import CHAT_PATH, Message, build_chat_body, build_messages, classify_status
+from ._protocol import (
+    CHAT_PATH,
+    Message,
+    build_chat_body,
+    build_messages,
+    classify_status,
+    encode_body,
+)
 from ._router import Router, describe_error, request_timeouts
 from ._stream import AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
@@ -57,7 +64,7 @@ class ApiRequest(TypedDict):
 class _Call(NamedTuple):
     """A planned chat: what to send, to which servers, within which limits."""
 
-    body: dict[str, Any]
+    body: bytes  # the JSON sent to /api/chat
     model: str
     candidates: list[str]
     timeout: Timeout
@@ -311,7 +318,7 @@ class AsyncCortex:
         if not isinstance(t, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError("timeout must be an aicortex.Timeout.")
         deadline = None if t.total is None else anyio.current_time() + t.total
-        return _Call(body, model, self.candidates(model, server_url), t, deadline)
+        return _Call(encode_body(body), model, self.candidates(model, server_url), t, deadline)
 
     async def _collect(self, call: _Call) -> AsyncStream:
         """A stream read to its end. Nothing has reached the caller yet, so a stream
@@ -375,20 +382,18 @@ class AsyncCortex:
     async def _attempt(
         self,
         url: str,
-        body: dict[str, Any],
+        body: bytes,
         model: str,
         t: Timeout,
         deadline: float | None,
     ) -> AsyncStream:
-        client = self._router.client(url)
         limit = t.first_token
         if deadline is not None:
             remaining = max(deadline - anyio.current_time(), 0.0)
             limit = remaining if limit is None else min(limit, remaining)
         timeouts = request_timeouts(t)  # the idle limit replaces "read" below
-        request = client.build_request(
-            "POST", self._router.chat_url(url), json=body, extensions={"timeout": timeouts}
-        )
+        request = self._router.chat_request(url, body, timeouts)
+        client = self._router.client(url)
         response: httpx.Response | None = None
         # A bare scope: anyio.move_on_after's context-manager wrapper costs ~10 us a call.
         until = math.inf if limit is None else anyio.current_time() + limit

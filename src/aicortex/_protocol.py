@@ -27,6 +27,7 @@ __all__ = [
     "build_messages",
     "classify_status",
     "decode_line",
+    "encode_body",
     "model_key",
     "stats_from_chunk",
     "tool_calls_from_message",
@@ -219,6 +220,21 @@ def _check_keep_alive(keep_alive: object) -> float | int | str:
             )
         return text
     return keep_alive
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """``body`` as compact UTF-8 JSON, as sent to Ollama (the same bytes httpx's
+    ``json=`` would send)."""
+    try:
+        return _ENCODER.encode(body).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(
+            f"The chat cannot be sent as JSON ({exc}). Options, format and tools may hold "
+            "only strings, finite numbers, booleans, None, lists and dicts."
+        ) from None
 
 
 def build_chat_body(

@@ -17,22 +17,13 @@ import httpx
 from ._config import Timeout
 from ._health import Health, HealthCache, decided
 from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH
-from ._transport import PoolClient, Transport
+from ._transport import PoolClient, Transport, shared_ssl_context
 
 __all__ = ["Router", "describe_error", "request_timeouts"]
 
 logger = logging.getLogger("aicortex")
 
 _LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
-_ssl_context: ssl.SSLContext | None = None
-
-
-def _shared_ssl_context() -> ssl.SSLContext:
-    """One verified TLS context for every pool: loading the CA bundle is slow."""
-    global _ssl_context
-    if _ssl_context is None:
-        _ssl_context = httpx.create_ssl_context()
-    return _ssl_context
 
 
 def request_timeouts(t: Timeout) -> dict[str, float | None]:
@@ -115,7 +106,7 @@ class Router:
         self.cache = HealthCache(health_ttl)
         self._headers = dict(headers or {})
         self._clients: dict[str, httpx.AsyncClient] = {}
-        self._chat_urls: dict[str, httpx.URL] = {}
+        self._chat_templates: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
         self._inflight: dict[str, anyio.Event] = {}
         self._closed = False
 
@@ -137,19 +128,23 @@ class Router:
         client = self._clients.get(url)
         if client is None:
             t = self.timeout
-            context = _shared_ssl_context()
+            # httpx builds a transport for each proxy the environment names, with this
+            # TLS context; without proxies it is unused (the CA bundle loads only for
+            # https:// servers, on their first connection).
+            verify: ssl.SSLContext | bool = (
+                shared_ssl_context() if urllib.request.getproxies() else True
+            )
             client = PoolClient(
                 base_url=url,
                 headers={"Accept": "application/json", **self._headers},
                 timeout=httpx.Timeout(**request_timeouts(t)),
                 limits=_LIMITS,
-                verify=context,
+                verify=verify,
                 # Through a proxy from the environment, httpx's own transport does the
                 # work (httpx ignores those variables when given a transport).
                 transport=None
                 if _proxied(url)
                 else Transport(
-                    ssl_context=context,
                     max_connections=_LIMITS.max_connections or 100,
                     max_keepalive_connections=_LIMITS.max_keepalive_connections or 20,
                     keepalive_expiry=_LIMITS.keepalive_expiry or 30.0,
@@ -159,12 +154,31 @@ class Router:
             self._clients[url] = client
         return client
 
-    def chat_url(self, url: str) -> httpx.URL:
-        """The absolute chat URL of ``url``, parsed once: httpx skips parsing it per call."""
-        chat = self._chat_urls.get(url)
-        if chat is None:
-            chat = self._chat_urls[url] = self.client(url).build_request("POST", CHAT_PATH).url
-        return chat
+    def chat_request(
+        self, url: str, content: bytes, timeouts: dict[str, float | None]
+    ) -> httpx.Request:
+        """A ``POST /api/chat`` of the JSON ``content`` to ``url``.
+
+        The same request ``client.build_request(..., json=...)`` makes, from a template
+        built once per server: httpx re-merges and re-validates every header on each
+        call, which costs more than the rest of a small exchange. With cookies in the
+        jar (a load balancer that pins sessions), httpx builds it as usual.
+        """
+        client = self.client(url)
+        if client.cookies:
+            return client.build_request(
+                "POST",
+                CHAT_PATH,
+                content=content,
+                headers={"Content-Type": "application/json"},
+                extensions={"timeout": timeouts},
+            )
+        template = self._chat_templates.get(url)
+        if template is None:
+            sample = client.build_request("POST", CHAT_PATH, json={})
+            headers = [(k, v) for k, v in sample.headers.raw if k.lower() != b"content-length"]
+            template = self._chat_templates[url] = (sample.url, headers)
+        return _json_request(*template, content, timeouts)
 
     def mark_down(self, url: str, reason: str) -> None:
         """Record a failed real request: ``url`` is skipped until its next probe."""
@@ -287,6 +301,23 @@ class Router:
         with anyio.CancelScope(shield=True):
             for client in clients:
                 await client.aclose()
+
+
+def _json_request(
+    url: httpx.URL,
+    headers: list[tuple[bytes, bytes]],
+    content: bytes,
+    timeouts: dict[str, float | None],
+) -> httpx.Request:
+    request = httpx.Request(
+        "POST",
+        url,
+        headers=[*headers, (b"Content-Length", b"%d" % len(content))],
+        stream=httpx.ByteStream(content),
+        extensions={"timeout": timeouts},
+    )
+    request.read()  # as with content=: the body is known, so request.content works
+    return request
 
 
 def _model_names(models: object) -> list[str]:

@@ -28,7 +28,7 @@ from anyio.streams.tls import TLSStream
 
 from ._http11 import MAX_HEAD, BodyDecoder, ProtocolError, ResponseHead, parse_head, request_head
 
-__all__ = ["BODY_EXTENSION", "Body", "PoolClient", "Transport"]
+__all__ = ["BODY_EXTENSION", "Body", "PoolClient", "Transport", "shared_ssl_context"]
 
 _READ_SIZE = 65536
 _SMALL_BODY = 65536  # bodies up to this size go out in the same write as the head
@@ -42,6 +42,17 @@ _HTTPX_SEND = httpx.AsyncHTTPTransport.handle_async_request
 _HTTPCORE_SEND = httpcore.AsyncConnectionPool.handle_async_request
 
 Origin = tuple[bytes, str, int]
+
+_shared_context: ssl.SSLContext | None = None
+
+
+def shared_ssl_context() -> ssl.SSLContext:
+    """The verified TLS context every pool shares, made on first use (loading the CA
+    bundle takes tens of milliseconds)."""
+    global _shared_context
+    if _shared_context is None:
+        _shared_context = httpx.create_ssl_context()
+    return _shared_context
 
 
 def _mocked() -> bool:
@@ -204,12 +215,14 @@ class Transport(httpx.AsyncBaseTransport):
 
     ``max_connections`` bounds the connections in use at once; up to
     ``max_keepalive_connections`` idle ones are kept for ``keepalive_expiry`` seconds.
+    ``https://`` servers are verified with ``ssl_context``, by default
+    :func:`shared_ssl_context`.
     """
 
     def __init__(
         self,
         *,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | None = None,
         max_connections: int = 100,
         max_keepalive_connections: int = 20,
         keepalive_expiry: float = 30.0,
@@ -413,7 +426,7 @@ class Transport(httpx.AsyncBaseTransport):
                         stream = await TLSStream.wrap(
                             stream,
                             hostname=host,
-                            ssl_context=self._ssl_context,
+                            ssl_context=self._tls(),
                             standard_compatible=False,
                         )
                     except BaseException:
@@ -446,10 +459,15 @@ class Transport(httpx.AsyncBaseTransport):
             if self._slots is not None:
                 self._slots.release()
 
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context = shared_ssl_context()
+        return self._ssl_context
+
     def _fallback_transport(self) -> httpx.AsyncHTTPTransport:
         if self._fallback is None:
             self._fallback = httpx.AsyncHTTPTransport(
-                verify=self._ssl_context,
+                verify=self._tls(),
                 limits=httpx.Limits(
                     max_connections=self._max_connections,
                     max_keepalive_connections=self._max_keepalive,
