@@ -1,4 +1,4 @@
-"""The httpx transport under every ``AsyncCortex`` pool: lean HTTP/1.1 over anyio.
+"""The httpx transport under every ``AsyncCortex`` pool: lean HTTP/1.1.
 
 Ollama speaks plain HTTP/1.1 and streams one chunk per token. httpx's default
 transport decodes each chunk as a separate h11 event through several layers, which
@@ -7,14 +7,22 @@ caps a stream at roughly 20,000 tokens/s on a modest CPU. This transport reads
 sends a small request in one write. Pooling, keep-alive, timeouts and httpx's
 exception types behave as with httpx's own transport.
 
+On asyncio (and uvloop) a connection is an ``asyncio.Protocol``: writes go straight
+to the socket and timeouts are loop timers, which makes a small exchange about a
+third cheaper than through anyio's socket streams and cancel scopes. Other event
+loops (trio) use anyio streams. Both race a host's addresses (happy eyeballs).
+
 When a test double has replaced httpx's or httpcore's transport methods (respx,
 pytest-httpx), requests go through httpx's default transport so the double sees them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import math
 import select
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +39,7 @@ from ._http11 import MAX_HEAD, BodyDecoder, ProtocolError, ResponseHead, parse_h
 __all__ = ["BODY_EXTENSION", "Body", "PoolClient", "Transport", "shared_ssl_context"]
 
 _READ_SIZE = 65536
+_READ_LIMIT = 4 * _READ_SIZE  # unread bytes at which an asyncio connection stops reading
 _SMALL_BODY = 65536  # bodies up to this size go out in the same write as the head
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
@@ -88,13 +97,14 @@ def _readable(sock: Any) -> bool:
 
 
 class _Connection:
-    """One TCP (or TLS) connection and the bytes read from it but not yet used."""
+    """One TCP (or TLS) connection and the bytes read from it but not yet used.
 
-    __slots__ = ("buffer", "expires", "origin", "pos", "reused", "socket", "stream")
+    :meth:`send` and :meth:`receive` enforce their own timeouts (None: no limit).
+    """
 
-    def __init__(self, stream: anyio.abc.ByteStream, origin: Origin) -> None:
-        self.stream = stream
-        self.socket: Any = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    __slots__ = ("buffer", "expires", "origin", "pos", "reused")
+
+    def __init__(self, origin: Origin) -> None:
         self.origin = origin
         self.buffer = b""
         self.pos = 0
@@ -102,13 +112,42 @@ class _Connection:
         self.reused = False
 
     def stale(self, now: float) -> bool:
-        # Only connections with nothing left unread are pooled (see Transport.release).
-        if now >= self.expires:
-            return True
-        return self.socket is None or _readable(self.socket)
+        """Whether an idle connection may no longer be used (expired, or closed by the
+        peer). Only connections with nothing left unread are pooled."""
+        raise NotImplementedError
 
     async def send(self, data: bytes, timeout: float | None) -> None:
-        """Send ``data``; with ``timeout`` None the caller enforces any limit."""
+        raise NotImplementedError
+
+    async def receive(self, timeout: float | None) -> bool:
+        """Append one network read to the buffer; False when the peer has closed."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    def _append(self, data: bytes) -> None:
+        if self.pos < len(self.buffer):
+            self.buffer = self.buffer[self.pos :] + data
+        else:
+            self.buffer = data
+        self.pos = 0
+
+
+class _StreamConnection(_Connection):
+    """A connection over an anyio byte stream (every event loop but asyncio's)."""
+
+    __slots__ = ("socket", "stream")
+
+    def __init__(self, stream: anyio.abc.ByteStream, origin: Origin) -> None:
+        super().__init__(origin)
+        self.stream = stream
+        self.socket: Any = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+
+    def stale(self, now: float) -> bool:
+        return now >= self.expires or self.socket is None or _readable(self.socket)
+
+    async def send(self, data: bytes, timeout: float | None) -> None:
         scope = None if timeout is None else anyio.CancelScope(deadline=_deadline(timeout))
         try:
             if scope is None:
@@ -122,8 +161,6 @@ class _Connection:
             raise httpx.WriteTimeout(f"sending the request took over {timeout:g}s")
 
     async def receive(self, timeout: float | None) -> bool:
-        """Append one network read to the buffer; False when the peer has closed.
-        With ``timeout`` None the caller enforces any limit."""
         scope = None if timeout is None else anyio.CancelScope(deadline=_deadline(timeout))
         data = b""
         try:
@@ -138,15 +175,138 @@ class _Connection:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         if scope is not None and scope.cancelled_caught:
             raise httpx.ReadTimeout(f"no data for {timeout:g}s")
-        if self.pos < len(self.buffer):
-            self.buffer = self.buffer[self.pos :] + data
-        else:
-            self.buffer = data
-        self.pos = 0
+        self._append(data)
         return True
 
     async def aclose(self) -> None:
         await anyio.aclose_forcefully(self.stream)
+
+
+def _wake(waiter: asyncio.Future[bool] | None, result: bool = True) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(result)
+
+
+class _ProtocolConnection(_Connection, asyncio.Protocol):
+    """A connection as an asyncio protocol, on asyncio's event loop (uvloop included).
+
+    Writes go straight to the transport and timeouts are loop timers, so an exchange
+    costs no task switches and no cancel scopes beyond the wait for the answer.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_eof",
+        "_error",
+        "_loop",
+        "_paused",
+        "_size",
+        "_transport",
+        "_waiter",
+        "_writable",
+    )
+
+    def __init__(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(origin)
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._error: Exception | None = None
+        self._paused = False  # reading paused: unread data reached _READ_LIMIT
+        self._writable = True  # False while the transport's write buffer is full
+        self._waiter: asyncio.Future[bool] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size >= _READ_LIMIT and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        _wake(self._waiter)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        _wake(self._waiter)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        self._writable = True
+        _wake(self._waiter)
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        _wake(self._waiter)
+
+    # -- _Connection -----------------------------------------------------------
+
+    def stale(self, now: float) -> bool:
+        transport = self._transport
+        if now >= self.expires or self._eof or self._chunks or transport is None:
+            return True
+        if transport.is_closing():
+            return True
+        sock = transport.get_extra_info("socket")
+        return sock is None or _readable(sock)
+
+    async def send(self, data: bytes, timeout: float | None) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise httpx.WriteError(self._lost("the connection is closed"))
+        transport.write(data)
+        while not self._writable and not self._eof:
+            if not await self._wait(timeout):
+                raise httpx.WriteTimeout(f"sending the request took over {timeout:g}s")
+        if self._eof and self._error is not None:
+            raise httpx.WriteError(self._lost("the connection was closed"))
+
+    async def receive(self, timeout: float | None) -> bool:
+        while not self._chunks:
+            if self._eof:
+                if self._error is not None:
+                    raise httpx.ReadError(self._lost("the connection was closed"))
+                return False
+            if not await self._wait(timeout):
+                raise httpx.ReadTimeout(f"no data for {timeout:g}s")
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._size = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        self._append(data)
+        return True
+
+    async def aclose(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait for data, the end, room to write, or ``timeout`` (then False)."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = None if timeout is None else self._loop.call_later(timeout, _wake, waiter, False)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _lost(self, what: str) -> str:
+        error = self._error
+        return f"{what} ({error})" if error is not None and str(error) else what
 
 
 class Body(httpx.AsyncByteStream):
@@ -279,35 +439,21 @@ class Transport(httpx.AsyncBaseTransport):
         self, conn: _Connection, request: httpx.Request, head: bytes, body: bytes | None
     ) -> httpx.Response:
         write_timeout = _timeout(request, "write")
+        try:
+            await conn.send(head, write_timeout)
+            if body:
+                await conn.send(body, write_timeout)
+            elif body is None:
+                await self._send_stream(conn, request, write_timeout)
+        except httpx.WriteError as exc:
+            if conn.reused:
+                raise _StaleConnection(exc) from None
+            raise
         read_timeout = _timeout(request, "read")
-        response_head: ResponseHead | None = None
-        writing = True
-        # One scope covers the request and the response head (a scope costs more than
-        # a small exchange): its deadline moves from the write to the read timeout.
-        with anyio.CancelScope(deadline=_deadline(write_timeout)) as scope:
-            try:
-                await conn.send(head, None)
-                if body:
-                    await conn.send(body, None)
-                elif body is None:
-                    scope.deadline = math.inf  # each part of a streamed body has its own
-                    await self._send_stream(conn, request, write_timeout)
-            except httpx.WriteError as exc:
-                if conn.reused:
-                    raise _StaleConnection(exc) from None
-                raise
-            writing = False
-            scope.deadline = _deadline(read_timeout)
-            while True:
-                response_head = await self._read_head(conn, request)
-                if response_head.status >= 200 or response_head.status == 101:
-                    break  # 1xx interim responses come before the real one
-        if response_head is None:  # the scope's deadline passed
-            if writing:
-                raise httpx.WriteTimeout(
-                    f"sending the request took over {write_timeout:g}s", request=request
-                )
-            raise httpx.ReadTimeout(f"no response within {read_timeout:g}s", request=request)
+        while True:
+            response_head = await self._read_head(conn, request, read_timeout)
+            if response_head.status >= 200 or response_head.status == 101:
+                break  # 1xx interim responses come before the real one
         if response_head.status == 101:
             raise httpx.RemoteProtocolError(
                 "the server switched protocols, which aicortex does not support",
@@ -348,8 +494,10 @@ class Transport(httpx.AsyncBaseTransport):
         if chunked:
             await conn.send(b"0\r\n\r\n", timeout)
 
-    async def _read_head(self, conn: _Connection, request: httpx.Request) -> ResponseHead:
-        """Read a response head; the caller's scope enforces the read timeout."""
+    async def _read_head(
+        self, conn: _Connection, request: httpx.Request, timeout: float | None
+    ) -> ResponseHead:
+        """Read a response head, waiting up to ``timeout`` for each network read."""
         received_any = conn.pos < len(conn.buffer)
         while True:
             end = conn.buffer.find(b"\r\n\r\n", conn.pos)
@@ -360,7 +508,7 @@ class Transport(httpx.AsyncBaseTransport):
                     f"the response head is larger than {MAX_HEAD} bytes", request=request
                 )
             try:
-                more = await conn.receive(None)
+                more = await conn.receive(timeout)
             except httpx.ReadError as exc:
                 if conn.reused and not received_any:
                     raise _StaleConnection(exc) from None
@@ -417,28 +565,22 @@ class Transport(httpx.AsyncBaseTransport):
     async def _connect(self, origin: Origin, request: httpx.Request) -> _Connection:
         scheme, host, port = origin
         timeout = _timeout(request, "connect")
-        stream: anyio.abc.ByteStream
+        tls = self._tls() if scheme == b"https" else None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         try:
             with anyio.fail_after(timeout):
-                stream = await anyio.connect_tcp(host, port)
-                if scheme == b"https":
-                    try:
-                        stream = await TLSStream.wrap(
-                            stream,
-                            hostname=host,
-                            ssl_context=self._tls(),
-                            standard_compatible=False,
-                        )
-                    except BaseException:
-                        await anyio.aclose_forcefully(stream)
-                        raise
+                if loop is not None:
+                    return await _open_protocol(loop, origin, tls)
+                return _StreamConnection(await _open_stream(host, port, tls), origin)
         except TimeoutError:
             raise httpx.ConnectTimeout(
                 f"connecting to {host}:{port} took over {timeout:g}s", request=request
             ) from None
         except (OSError, anyio.BrokenResourceError) as exc:
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-        return _Connection(stream, origin)
 
     async def release(self, conn: _Connection, *, reusable: bool) -> None:
         """Give back a connection's slot; keep the connection for reuse if it can be."""
@@ -485,6 +627,90 @@ class Transport(httpx.AsyncBaseTransport):
             await conn.aclose()
         if self._fallback is not None:
             await self._fallback.aclose()
+
+
+async def _open_stream(host: str, port: int, tls: ssl.SSLContext | None) -> anyio.abc.ByteStream:
+    stream: anyio.abc.ByteStream = await anyio.connect_tcp(host, port)
+    if tls is not None:
+        try:
+            stream = await TLSStream.wrap(
+                stream, hostname=host, ssl_context=tls, standard_compatible=False
+            )
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+    return stream
+
+
+_HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried alongside (RFC 8305)
+
+
+async def _open_protocol(
+    loop: asyncio.AbstractEventLoop, origin: Origin, tls: ssl.SSLContext | None
+) -> _ProtocolConnection:
+    """Connect to ``origin`` on asyncio, racing its addresses as anyio.connect_tcp does."""
+    _, host, port = origin
+    try:
+        ipaddress.ip_address(host)
+        addresses = [host]
+    except ValueError:
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = _interleave([(info[0], str(info[4][0])) for info in infos])
+
+    async def attempt(address: str) -> _ProtocolConnection:
+        _, conn = await loop.create_connection(
+            lambda: _ProtocolConnection(origin, loop),
+            address,
+            port,
+            ssl=tls,
+            server_hostname=host if tls is not None else None,
+        )
+        return conn
+
+    if len(addresses) == 1:
+        return await attempt(addresses[0])
+    winner: list[_ProtocolConnection] = []
+    errors: list[tuple[str, OSError]] = []
+
+    async def race(address: str, finished: anyio.Event) -> None:
+        try:
+            conn = await attempt(address)
+        except OSError as exc:
+            errors.append((address, exc))
+            return
+        finally:
+            finished.set()
+        if winner:
+            await conn.aclose()
+        else:
+            winner.append(conn)
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for address in addresses:
+            finished = anyio.Event()
+            tg.start_soon(race, address, finished)
+            with anyio.move_on_after(_HAPPY_EYEBALLS_DELAY):
+                await finished.wait()
+    if winner:
+        return winner[0]
+    details = "; ".join(f"{address}: {exc}" for address, exc in errors)
+    raise OSError(f"all addresses of {host} failed ({details})") from errors[-1][1]
+
+
+def _interleave(addresses: list[tuple[int, str]]) -> list[str]:
+    """Unique addresses, alternating between families, the resolver's first family first."""
+    by_family: dict[int, list[str]] = {}
+    for family, address in addresses:
+        if address not in by_family.setdefault(family, []):
+            by_family[family].append(address)
+    queues = list(by_family.values())
+    ordered: list[str] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered
 
 
 class _StaleConnection(Exception):
