@@ -10,6 +10,7 @@ from aicortex._http11 import (
     LengthBody,
     ProtocolError,
     ResponseHead,
+    closes,
     parse_head,
     request_head,
 )
@@ -34,6 +35,8 @@ def test_request_head_lists_the_request_line_and_every_header() -> None:
         (b"GET", b"/", [(b"X-Nul", b"a\x00b")]),
         (b"GET", b"/", [(b"Bad Name", b"v")]),
         (b"GET", b"/", [(b"Bad:Name", b"v")]),
+        (b"GET", b"/", [(b"Host", b"h"), (b"", b"v")]),
+        (b"GET", b"/", [(b"Host", b"h"), (b"X-Evil", b"v\r\n"), (b"Accept", b"*/*")]),
     ],
 )
 def test_request_head_refuses_anything_that_could_split_it(
@@ -42,6 +45,32 @@ def test_request_head_refuses_anything_that_could_split_it(
     """CR, LF or NUL in a value, or a method or name that is not a token, is refused."""
     with pytest.raises(ProtocolError):
         request_head(method, target, headers)
+
+
+def test_the_error_names_the_field_at_fault() -> None:
+    """Among good fields, the bad one is named."""
+    good = [(b"Host", b"h"), (b"Accept", b"*/*")]
+    with pytest.raises(ProtocolError, match="value for header 'X-B'"):
+        request_head(b"GET", b"/", [*good, (b"X-B", b"1\n2"), *good])
+    with pytest.raises(ProtocolError, match="header name b'X B'"):
+        request_head(b"GET", b"/", [*good, (b"X B", b"1"), *good])
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([], False),
+        ([(b"Connection", b"keep-alive")], False),
+        ([(b"Host", b"h"), (b"connection", b"Close")], True),
+        ([(b"CONNECTION", b"upgrade, close")], True),
+        ([(b"X-Connection", b"close")], False),
+    ],
+)
+def test_closes_reads_the_connection_header(
+    headers: list[tuple[bytes, bytes]], expected: bool
+) -> None:
+    """Only a Connection header listing ``close`` asks for the connection to end."""
+    assert closes(headers) is expected
 
 
 def test_parse_head_reads_status_reason_and_headers() -> None:

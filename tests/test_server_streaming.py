@@ -72,3 +72,39 @@ async def test_an_outer_cancellation_is_not_mistaken_for_a_disconnect() -> None:
         reached.append(True)
     assert scope.cancelled_caught
     assert not reached
+
+
+async def test_quick_work_never_waits_on_the_client() -> None:
+    """Work that ends before the watch starts does not read from the client at all."""
+    calls: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        calls.append(True)
+        await anyio.sleep_forever()
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        return "quick"
+
+    assert await unless_disconnected(receive, work) == ("quick",)
+    await anyio.sleep(0.1)  # past the watch delay: nothing was left scheduled
+    assert calls == []
+
+
+async def test_a_client_that_leaves_cancels_work_inside_its_own_scopes() -> None:
+    """The cancellation reaches work waiting inside its own cancel scope and
+    timeouts, and the work's cleanup runs."""
+    cleaned = anyio.Event()
+
+    async def work() -> str:
+        try:
+            with anyio.CancelScope(), anyio.move_on_after(30):
+                await anyio.sleep_forever()
+        finally:
+            cleaned.set()
+        return "never"
+
+    with anyio.fail_after(2):
+        assert await unless_disconnected(receiving(0.01), work) is None
+    assert cleaned.is_set()
+    await anyio.sleep(0.01)  # and the caller is not cancelled afterwards

@@ -18,6 +18,7 @@ __all__ = [
     "LengthBody",
     "ProtocolError",
     "ResponseHead",
+    "closes",
     "parse_head",
     "request_head",
 ]
@@ -28,7 +29,7 @@ MAX_HEAD = 64 * 1024
 _MAX_LINE = 4096  # a chunk-size or trailer line
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: (.*))?")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_CHUNK_SIZE = re.compile(rb"[ \t]*([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?")  # extensions ignored
 _UNSAFE_VALUE = re.compile(rb"[\x00\r\n]")
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -47,15 +48,33 @@ def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]
         raise ProtocolError(f"invalid HTTP method {method!r}")
     if not target or b" " in target or _UNSAFE_VALUE.search(target):
         raise ProtocolError(f"invalid request target {target!r}")
+    names = [name for name, _ in headers]
+    values = [value for _, value in headers]
+    # One pass over all names and one over all values (a pass per field costs more
+    # than building the head); the field at fault is looked for only on failure.
+    if names and (
+        not all(names)
+        or not _TOKEN.fullmatch(b"".join(names))
+        or _UNSAFE_VALUE.search(b"".join(values))
+    ):
+        for name, value in headers:
+            if not _TOKEN.fullmatch(name):
+                raise ProtocolError(f"invalid header name {name!r}")
+            if _UNSAFE_VALUE.search(value):
+                raise ProtocolError(f"invalid value for header {name.decode('latin-1')!r}")
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in headers:
-        if not _TOKEN.fullmatch(name):
-            raise ProtocolError(f"invalid header name {name!r}")
-        if _UNSAFE_VALUE.search(value):
-            raise ProtocolError(f"invalid value for header {name.decode('latin-1')!r}")
         parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def closes(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether request ``headers`` ask to close the connection after the response."""
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection" and b"close" in value.lower():
+            return True
+    return False
 
 
 @dataclass(slots=True)
@@ -236,10 +255,10 @@ class ChunkedBody(BodyDecoder):
                 if not line:
                     self.done = True
                 continue
-            size_text = line.split(b";", 1)[0].strip(b" \t")
-            if not _CHUNK_SIZE.fullmatch(size_text):
+            size = _CHUNK_SIZE.fullmatch(line)
+            if size is None:
                 raise ProtocolError(f"invalid chunk size line {line[:40]!r}")
-            left = int(size_text, 16)
+            left = int(size[1], 16)
             state = _DATA if left else _TRAILER
         self._state = state
         self._left = left

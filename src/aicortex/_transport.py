@@ -34,7 +34,15 @@ import httpcore
 import httpx
 from anyio.streams.tls import TLSStream
 
-from ._http11 import MAX_HEAD, BodyDecoder, ProtocolError, ResponseHead, parse_head, request_head
+from ._http11 import (
+    MAX_HEAD,
+    BodyDecoder,
+    ProtocolError,
+    ResponseHead,
+    closes,
+    parse_head,
+    request_head,
+)
 
 __all__ = ["BODY_EXTENSION", "Body", "PoolClient", "Transport", "shared_ssl_context"]
 
@@ -411,8 +419,9 @@ class Transport(httpx.AsyncBaseTransport):
             )
         if not url.host:
             raise httpx.UnsupportedProtocol(f"the URL {url} has no host", request=request)
+        fields = request.headers.raw
         try:
-            head = request_head(request.method.encode("ascii"), url.raw_path, request.headers.raw)
+            head = request_head(request.method.encode("ascii"), url.raw_path, fields)
         except (ProtocolError, UnicodeEncodeError) as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from None
         stream = request.stream
@@ -423,7 +432,7 @@ class Transport(httpx.AsyncBaseTransport):
         while True:
             conn = await self._acquire(origin, request)
             try:
-                return await self._exchange(conn, request, head, body)
+                return await self._exchange(conn, request, head, body, closes(fields))
             except _StaleConnection as stale:
                 # The server closed an idle keep-alive connection as we reused it:
                 # it processed nothing, so the request goes out again on a new one
@@ -436,8 +445,15 @@ class Transport(httpx.AsyncBaseTransport):
                 raise
 
     async def _exchange(
-        self, conn: _Connection, request: httpx.Request, head: bytes, body: bytes | None
+        self,
+        conn: _Connection,
+        request: httpx.Request,
+        head: bytes,
+        body: bytes | None,
+        close: bool,
     ) -> httpx.Response:
+        """Send the request and read the response head; ``close``: the request asked for
+        the connection to be closed afterwards."""
         write_timeout = _timeout(request, "write")
         try:
             await conn.send(head, write_timeout)
@@ -463,9 +479,7 @@ class Transport(httpx.AsyncBaseTransport):
             decoder = response_head.body(request.method.encode("ascii"))
         except ProtocolError as exc:
             raise httpx.RemoteProtocolError(str(exc), request=request) from None
-        keep_alive = response_head.keep_alive and b"close" not in (
-            request.headers.get("connection", "").lower().encode("latin-1")
-        )
+        keep_alive = response_head.keep_alive and not close
         if decoder is None:
             stream: httpx.AsyncByteStream = httpx.ByteStream(b"")
             await self.release(conn, reusable=keep_alive)
