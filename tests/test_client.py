@@ -122,6 +122,24 @@ async def test_a_cookie_the_server_sets_is_sent_back(fake_ollama: FakeOllamaFact
     assert second.json["messages"][0]["content"] == "second"
 
 
+class _Redirect(Script):
+    def __init__(self, to: str) -> None:
+        self.to = to
+
+    async def run(self, exchange: Exchange) -> None:
+        await exchange.respond(307, b"", "text/plain", headers={"Location": self.to})
+
+
+async def test_a_redirected_chat_is_followed(fake_ollama: FakeOllamaFactory) -> None:
+    """A 307 from a server in front of Ollama is followed with the same body."""
+    target = fake_ollama(chat=reply("moved here"))
+    front = fake_ollama(chat=_Redirect(target.url + "/api/chat"))
+    async with cortex(front.url) as client:
+        assert await client.chat("where?", model=MODEL) == "moved here"
+    (sent,) = [r for r in target.requests if r.path == "/api/chat"]
+    assert sent.json["messages"][0]["content"] == "where?"
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [({"temperature": float("nan")}, "Out of range float"), ({"mirostat": {1}}, "not JSON")],

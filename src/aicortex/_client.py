@@ -399,7 +399,7 @@ class AsyncCortex:
         until = math.inf if limit is None else anyio.current_time() + limit
         with anyio.CancelScope(deadline=until) as scope:
             try:
-                response = await client.send(request, stream=True)
+                response = await client.send_streaming(request)
                 if response.status_code != 200:
                     raise self._status_error(response, await _read_capped(response))
                 # Once the server answers, the idle limit applies between chunks.

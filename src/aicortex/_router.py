@@ -105,7 +105,7 @@ class Router:
         self.timeout = timeout
         self.cache = HealthCache(health_ttl)
         self._headers = dict(headers or {})
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._clients: dict[str, PoolClient] = {}
         self._chat_templates: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
         self._inflight: dict[str, anyio.Event] = {}
         self._closed = False
@@ -122,7 +122,7 @@ class Router:
         if self._closed:
             raise RuntimeError("This AsyncCortex is closed; create a new one.")
 
-    def client(self, url: str) -> httpx.AsyncClient:
+    def client(self, url: str) -> PoolClient:
         """The pooled client for ``url``, created on first use."""
         self.check_open()
         client = self._clients.get(url)

@@ -425,7 +425,8 @@ class Transport(httpx.AsyncBaseTransport):
         except (ProtocolError, UnicodeEncodeError) as exc:
             raise httpx.LocalProtocolError(str(exc), request=request) from None
         stream = request.stream
-        body = request.content if isinstance(stream, httpx.ByteStream) else None
+        # read(): a request httpx rebuilt to follow a redirect has not read its body yet
+        body = request.read() if isinstance(stream, httpx.ByteStream) else None
         if body is not None and len(body) <= _SMALL_BODY:
             head, body = head + body, b""
         origin: Origin = (scheme, url.host, port)
@@ -745,12 +746,14 @@ class _Cookies(httpx.Cookies):
 
 class PoolClient(httpx.AsyncClient):
     """The ``httpx.AsyncClient`` of one server: cookie bookkeeping only for responses
-    that set a cookie."""
+    that set a cookie, and :meth:`send_streaming` for the chat's hot path."""
 
     def __init__(self, **kwargs: Any) -> None:
         cookies = kwargs.pop("cookies", None)
+        transport = kwargs.get("transport")
         super().__init__(**kwargs)
         self.cookies = cookies
+        self._pool = transport if isinstance(transport, Transport) else None
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -759,3 +762,25 @@ class PoolClient(httpx.AsyncClient):
     @cookies.setter
     def cookies(self, cookies: Any) -> None:
         self._jar = _Cookies(cookies)
+
+    async def send_streaming(self, request: httpx.Request) -> httpx.Response:
+        """What ``send(request, stream=True)`` returns, handed straight to the pool.
+
+        For a client with no auth and no event hooks over aicortex's own transport,
+        httpx's send adds an auth flow, a redirect loop and per-response bookkeeping
+        that cost more than a small exchange itself. A redirect is handed to
+        :meth:`send`, which follows it as usual; any other client uses :meth:`send`.
+        """
+        pool = self._pool
+        hooks = self.event_hooks
+        if pool is None or self.auth is not None or hooks["request"] or hooks["response"]:
+            return await self.send(request, stream=True)
+        if self.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        response = await pool.handle_async_request(request)
+        response.request = request
+        if response.has_redirect_location and self.follow_redirects:
+            await response.aclose()
+            return await self.send(request, stream=True)
+        self.cookies.extract_cookies(response)
+        return response
