@@ -96,6 +96,7 @@ class AsyncStream:
         self._stats: Stats | None = None
         self._done_reason: str | None = None
         self._released = False
+        self._first: dict[str, Any] | None = None
 
     # -- public surface ------------------------------------------------------
 
@@ -234,6 +235,7 @@ class AsyncStream:
         error = obj.get("error")
         if error:
             raise StartFailed(f"failed before the first token: {error}")
+        self._first = obj  # the line at _pos, decoded once
 
     async def _read(self) -> bool:
         """Read the next network chunk into ``_lines``; False at the end of the body."""
@@ -278,7 +280,11 @@ class AsyncStream:
                     continue
                 self._pos = pos
                 try:
-                    obj: dict[str, Any] = _decode(line.decode())
+                    obj: dict[str, Any]
+                    if self._first is not None:
+                        obj, self._first = self._first, None
+                    else:
+                        obj = _decode(line.decode())
                     message = obj.get("message")
                     if message is not None:
                         content = message.get("content") or ""

@@ -43,9 +43,12 @@ def request_id(scope: dict[str, Any]) -> str:
     return scope.get(REQUEST_ID) or "-"
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(obj: object) -> bytes:
     """Compact JSON bytes."""
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 async def send_json(
