@@ -32,6 +32,7 @@ from fakeollama import (
     page_not_found,
     refused_url,
     reply,
+    stall_after,
     stall_before_headers,
     status,
 )
@@ -428,6 +429,51 @@ async def test_a_total_deadline_raises_a_timeout_error(fake_ollama: FakeOllamaFa
     assert info.value.phase == "total"
     assert isinstance(info.value, TimeoutError)
     assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param(stall_before_headers(), id="no-headers"),
+        pytest.param(stall_after(["never"], 0), id="headers-then-silence"),
+        pytest.param(ndjson_lines([b"\n"] * 30, delay=0.05), id="blank-lines"),
+    ],
+)
+async def test_the_first_token_limit_counts_from_the_request(
+    fake_ollama: FakeOllamaFactory, script: object
+) -> None:
+    """first_token bounds the wait for the first token as a whole, even when the
+    server answers the head at once or keeps sending blank lines within the idle limit."""
+    slow = fake_ollama(chat=script)
+    good = fake_ollama(chat=reply("from the next"))
+    limits = Timeout(connect=1.0, first_token=0.4, idle=5.0, probe=0.5)
+    async with cortex(slow.url, good.url, timeout=limits) as client:
+        started = time.monotonic()
+        stream = await client.chat("hi", model=MODEL, stream=True)
+        async with stream:
+            assert stream.server == good.url
+        assert time.monotonic() - started < 1.5
+        with pytest.raises(ServerError) as info:
+            await client.chat("hi", model=MODEL, server_url=slow.url)
+    assert "no first token within 0.4s" in str(info.value)
+
+
+async def test_a_total_limit_before_the_first_token_is_a_timeout_not_a_failover(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """When the caller's total limit ends first, the call stops with CortexTimeoutError
+    instead of trying the next server, and the silent server is not marked down."""
+    silent = fake_ollama(chat=[stall_after(["never"], 0), reply("later")])
+    good = fake_ollama(chat=reply("unused"))
+    limits = Timeout(connect=1.0, first_token=5.0, idle=5.0, total=0.3, probe=0.5)
+    async with cortex(silent.url, good.url) as client:
+        started = time.monotonic()
+        with pytest.raises(CortexTimeoutError) as info:
+            await client.chat("hi", model=MODEL, timeout=limits)
+        assert info.value.phase == "total"
+        assert time.monotonic() - started < 1.5
+        assert good.count("/api/chat") == 0
+        assert await client.chat("again", model=MODEL) == "later"
 
 
 async def test_connections_are_pooled_per_server(fake_ollama: FakeOllamaFactory) -> None:

@@ -18,7 +18,14 @@ import trustme
 
 from aicortex import AsyncCortex, Timeout, _transport
 from aicortex._router import describe_error
-from aicortex._transport import Body, PoolClient, Transport, _interleave
+from aicortex._transport import (
+    DEADLINE_EXTENSION,
+    Body,
+    DeadlineExceeded,
+    PoolClient,
+    Transport,
+    _interleave,
+)
 
 Handler = Callable[["Peer"], Awaitable[None]]
 CONTEXT = ssl.create_default_context()
@@ -452,6 +459,43 @@ async def test_the_read_timeout_is_looked_up_at_every_read() -> None:
                 async for _ in response.aiter_raw():
                     pass
         await response.aclose()
+
+
+async def test_a_deadline_ends_every_wait_of_the_request() -> None:
+    """With ``aicortex.deadline`` set, waiting for the head, for the body and for a free
+    connection each end at the deadline, however long their own timeouts are; the
+    deadline can be moved while the body is read."""
+    release = anyio.Event()
+
+    async def handle(peer: Peer) -> None:
+        await peer.request()  # 1: silent
+        await peer.wait_closed()
+
+    async def handle_body(peer: Peer) -> None:
+        await peer.request()  # 2: head and a first chunk, then silent
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        await release.wait()
+
+    slow = httpx.Timeout(30)
+    async with serving(handle) as server, client() as http:
+        request = http.build_request("GET", server.url, timeout=slow)
+        request.extensions[DEADLINE_EXTENSION] = anyio.current_time() + 0.2
+        with anyio.fail_after(3), pytest.raises(DeadlineExceeded):
+            await http.send(request)
+    async with serving(handle_body) as server, client(max_connections=1) as http:
+        request = http.build_request("GET", server.url, timeout=slow)
+        request.extensions[DEADLINE_EXTENSION] = anyio.current_time() + 30
+        response = await http.send(request, stream=True)
+        other = http.build_request("GET", server.url, timeout=slow)
+        other.extensions[DEADLINE_EXTENSION] = anyio.current_time() + 0.2
+        with anyio.fail_after(3), pytest.raises(DeadlineExceeded):
+            await http.send(other)  # the only connection is in use
+        request.extensions[DEADLINE_EXTENSION] = anyio.current_time() + 0.2
+        with anyio.fail_after(3), pytest.raises(DeadlineExceeded):
+            async for _ in response.aiter_raw():
+                pass
+        await response.aclose()
+        release.set()
 
 
 # -- the pool and its resources ---------------------------------------------------

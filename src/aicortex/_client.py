@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from types import TracebackType
@@ -41,6 +41,7 @@ from ._protocol import (
 )
 from ._router import Router, describe_error, request_timeouts
 from ._stream import AsyncStream, StartFailed
+from ._transport import DEADLINE_EXTENSION, DeadlineExceeded
 from ._urls import is_local_default, normalize_host
 
 __all__ = ["ApiRequest", "AsyncCortex", "whole_answer"]
@@ -387,17 +388,28 @@ class AsyncCortex:
         t: Timeout,
         deadline: float | None,
     ) -> AsyncStream:
+        now = anyio.current_time()
         limit = t.first_token
+        total_binds = False  # whether the caller's total limit comes before first_token's
         if deadline is not None:
-            remaining = max(deadline - anyio.current_time(), 0.0)
-            limit = remaining if limit is None else min(limit, remaining)
+            remaining = max(deadline - now, 0.0)
+            total_binds = limit is None or remaining <= limit
+            limit = remaining if total_binds else limit
         timeouts = request_timeouts(t)  # the idle limit replaces "read" below
         request = self._router.chat_request(url, body, timeouts)
         client = self._router.client(url)
+        until = None if limit is None else now + limit  # for the first token
+        # aicortex's transport ends every wait of the request by `until` itself, which
+        # is cheaper than a cancel scope; httpx's (behind a proxy) needs the scope.
+        direct = client.enforces_deadlines
+        scope = _NO_SCOPE
+        if until is not None:
+            if direct:
+                request.extensions[DEADLINE_EXTENSION] = until
+            else:
+                scope = anyio.CancelScope(deadline=until)
         response: httpx.Response | None = None
-        # A bare scope: anyio.move_on_after's context-manager wrapper costs ~10 us a call.
-        until = math.inf if limit is None else anyio.current_time() + limit
-        with anyio.CancelScope(deadline=until) as scope:
+        with scope:
             try:
                 response = await client.send_streaming(request)
                 if response.status_code != 200:
@@ -412,21 +424,30 @@ class AsyncCortex:
                     total=t.total,
                     idle=t.idle,
                     on_failure=self._router.mark_down,
+                    enforced=direct,
                 )
                 await stream._prime()  # pyright: ignore[reportPrivateUsage]
+                if direct:  # from the first token on, only the caller's total limit
+                    if deadline is None:
+                        request.extensions.pop(DEADLINE_EXTENSION, None)
+                    else:
+                        request.extensions[DEADLINE_EXTENSION] = deadline
                 return stream
             except StartFailed as exc:
                 await _close(response)
-                raise _AttemptError(exc.reason) from None
+                if not exc.deadline:
+                    raise _AttemptError(exc.reason) from None
+            except DeadlineExceeded:
+                await _close(response)
             except httpx.HTTPError as exc:
                 await _close(response)
                 raise _AttemptError(describe_error(exc, t)) from None
             except BaseException:
                 await _close(response)
                 raise
+        # The first token did not come in time.
         await _close(response)
-        assert scope.cancelled_caught
-        if deadline is not None and anyio.current_time() >= deadline:
+        if total_binds:
             raise CortexTimeoutError("total", t.total or 0.0, server=url)
         raise _AttemptError(f"no first token within {limit:g}s")
 
@@ -552,6 +573,9 @@ async def whole_answer(
         keep_alive=keep_alive,
     )
     return await cortex._collect(call)  # pyright: ignore[reportPrivateUsage]
+
+
+_NO_SCOPE = contextlib.nullcontext()
 
 
 class _AttemptError(Exception):

@@ -13,7 +13,7 @@ import httpx
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import CortexTimeoutError, StreamError
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
-from ._transport import BODY_EXTENSION, Body
+from ._transport import BODY_EXTENSION, Body, DeadlineExceeded
 
 __all__ = ["AsyncStream", "StartFailed"]
 
@@ -27,9 +27,12 @@ _NEW, _RUNNING, _FINISHING, _FINISHED, _FAILED, _CLOSED = range(6)
 class StartFailed(Exception):
     """The stream broke before its first token: the caller may try another server."""
 
-    def __init__(self, reason: str, *, timeout: CortexTimeoutError | None = None) -> None:
+    def __init__(
+        self, reason: str, *, timeout: CortexTimeoutError | None = None, deadline: bool = False
+    ) -> None:
         self.reason = reason
         self.timeout = timeout
+        self.deadline = deadline  # the caller's deadline for the first token passed
         super().__init__(reason)
 
 
@@ -63,7 +66,9 @@ class AsyncStream:
         total: float | None = None,
         idle: float | None = None,
         on_failure: Callable[[str, str], None] | None = None,
+        enforced: bool = False,
     ) -> None:
+        # enforced: the transport itself ends reads at the deadline (DeadlineExceeded)
         self._response = response
         # Without a content-encoding the raw byte stream is the body: reading it
         # directly skips generator layers per chunk on the hot path.
@@ -79,7 +84,7 @@ class AsyncStream:
             self._chunks = response.aiter_bytes()
         self._model = model
         self._server = server
-        self._deadline = deadline
+        self._deadline = None if enforced else deadline  # to enforce here, per read
         self._total = total
         self._idle = idle
         self._on_failure = on_failure
@@ -223,7 +228,9 @@ class AsyncStream:
                 more = await self._read()
             except _ReadFailed as exc:
                 raise StartFailed(
-                    f"{exc.reason} before the first token", timeout=exc.timeout
+                    f"{exc.reason} before the first token",
+                    timeout=exc.timeout,
+                    deadline=exc.deadline,
                 ) from None
             if not more:
                 raise StartFailed("closed the connection before the first token")
@@ -250,10 +257,10 @@ class AsyncStream:
                 self._lines, self._pos, self._tail = [self._tail], 0, b""
                 return True
             return False
-        except TimeoutError:
+        except (TimeoutError, DeadlineExceeded):
             total = self._total if self._total is not None else 0.0
             timeout = CortexTimeoutError("total", total, server=self._server)
-            raise _ReadFailed(str(timeout), timeout) from None
+            raise _ReadFailed(str(timeout), timeout, deadline=True) from None
         except httpx.ReadTimeout:
             idle = self._idle if self._idle is not None else 0.0
             timeout = CortexTimeoutError("idle", idle, server=self._server)
@@ -402,7 +409,10 @@ class AsyncStream:
 
 
 class _ReadFailed(Exception):
-    def __init__(self, reason: str, timeout: CortexTimeoutError | None = None) -> None:
+    def __init__(
+        self, reason: str, timeout: CortexTimeoutError | None = None, *, deadline: bool = False
+    ) -> None:
         self.reason = reason
         self.timeout = timeout
+        self.deadline = deadline
         super().__init__(reason)

@@ -44,7 +44,15 @@ from ._http11 import (
     request_head,
 )
 
-__all__ = ["BODY_EXTENSION", "Body", "PoolClient", "Transport", "shared_ssl_context"]
+__all__ = [
+    "BODY_EXTENSION",
+    "DEADLINE_EXTENSION",
+    "Body",
+    "DeadlineExceeded",
+    "PoolClient",
+    "Transport",
+    "shared_ssl_context",
+]
 
 _READ_SIZE = 65536
 _READ_LIMIT = 4 * _READ_SIZE  # unread bytes at which an asyncio connection stops reading
@@ -80,13 +88,37 @@ def _mocked() -> bool:
     )
 
 
-def _timeout(request: httpx.Request, kind: str) -> float | None:
-    timeouts = cast("dict[str, float | None]", request.extensions.get("timeout") or {})
-    return timeouts.get(kind)
+DEADLINE_EXTENSION = "aicortex.deadline"
+"""The request extension that may hold a deadline on anyio's clock
+(``anyio.current_time()``): every wait of the request, for a free connection, to
+connect, to send or to read, ends by then with :class:`DeadlineExceeded`. It is read
+at each wait, so the caller may move it while the body is being read."""
 
 
-def _deadline(timeout: float | None) -> float:
-    return math.inf if timeout is None else anyio.current_time() + timeout
+class DeadlineExceeded(httpx.TimeoutException):
+    """The deadline in the request's ``aicortex.deadline`` extension passed."""
+
+
+def _limits(request: httpx.Request, kind: str) -> tuple[float | None, float | None]:
+    """The request's ``kind`` timeout (seconds per wait) and its deadline, if any."""
+    extensions = request.extensions
+    timeouts = cast("dict[str, float | None]", extensions.get("timeout") or {})
+    return timeouts.get(kind), extensions.get(DEADLINE_EXTENSION)
+
+
+def _scope(timeout: float | None, deadline: float | None) -> tuple[anyio.CancelScope | None, bool]:
+    """A cancel scope that ends after ``timeout`` or at ``deadline``, whichever is
+    first (None: neither is set), and whether the deadline is the one that counts."""
+    if timeout is None and deadline is None:
+        return None, False
+    when = math.inf if timeout is None else anyio.current_time() + timeout
+    if deadline is not None and deadline < when:
+        return anyio.CancelScope(deadline=deadline), True
+    return anyio.CancelScope(deadline=when), False
+
+
+def _expired(request: httpx.Request | None = None) -> DeadlineExceeded:
+    return DeadlineExceeded("the request's deadline passed", request=request)
 
 
 def _readable(sock: Any) -> bool:
@@ -107,7 +139,8 @@ def _readable(sock: Any) -> bool:
 class _Connection:
     """One TCP (or TLS) connection and the bytes read from it but not yet used.
 
-    :meth:`send` and :meth:`receive` enforce their own timeouts (None: no limit).
+    :meth:`send` and :meth:`receive` wait at most ``timeout`` seconds and not past
+    ``deadline`` (None: no limit).
     """
 
     __slots__ = ("buffer", "expires", "origin", "pos", "reused")
@@ -124,10 +157,10 @@ class _Connection:
         peer). Only connections with nothing left unread are pooled."""
         raise NotImplementedError
 
-    async def send(self, data: bytes, timeout: float | None) -> None:
+    async def send(self, data: bytes, timeout: float | None, deadline: float | None) -> None:
         raise NotImplementedError
 
-    async def receive(self, timeout: float | None) -> bool:
+    async def receive(self, timeout: float | None, deadline: float | None) -> bool:
         """Append one network read to the buffer; False when the peer has closed."""
         raise NotImplementedError
 
@@ -155,8 +188,8 @@ class _StreamConnection(_Connection):
     def stale(self, now: float) -> bool:
         return now >= self.expires or self.socket is None or _readable(self.socket)
 
-    async def send(self, data: bytes, timeout: float | None) -> None:
-        scope = None if timeout is None else anyio.CancelScope(deadline=_deadline(timeout))
+    async def send(self, data: bytes, timeout: float | None, deadline: float | None) -> None:
+        scope, by_deadline = _scope(timeout, deadline)
         try:
             if scope is None:
                 await self.stream.send(data)
@@ -166,10 +199,12 @@ class _StreamConnection(_Connection):
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
         if scope is not None and scope.cancelled_caught:
+            if by_deadline:
+                raise _expired()
             raise httpx.WriteTimeout(f"sending the request took over {timeout:g}s")
 
-    async def receive(self, timeout: float | None) -> bool:
-        scope = None if timeout is None else anyio.CancelScope(deadline=_deadline(timeout))
+    async def receive(self, timeout: float | None, deadline: float | None) -> bool:
+        scope, by_deadline = _scope(timeout, deadline)
         data = b""
         try:
             if scope is None:
@@ -182,6 +217,8 @@ class _StreamConnection(_Connection):
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         if scope is not None and scope.cancelled_caught:
+            if by_deadline:
+                raise _expired()
             raise httpx.ReadTimeout(f"no data for {timeout:g}s")
         self._append(data)
         return True
@@ -190,7 +227,11 @@ class _StreamConnection(_Connection):
         await anyio.aclose_forcefully(self.stream)
 
 
-def _wake(waiter: asyncio.Future[bool] | None, result: bool = True) -> None:
+_TIMEOUT = object()
+_DEADLINE = object()
+
+
+def _wake(waiter: asyncio.Future[object] | None, result: object = None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(result)
 
@@ -224,7 +265,7 @@ class _ProtocolConnection(_Connection, asyncio.Protocol):
         self._error: Exception | None = None
         self._paused = False  # reading paused: unread data reached _READ_LIMIT
         self._writable = True  # False while the transport's write buffer is full
-        self._waiter: asyncio.Future[bool] | None = None
+        self._waiter: asyncio.Future[object] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -268,24 +309,30 @@ class _ProtocolConnection(_Connection, asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         return sock is None or _readable(sock)
 
-    async def send(self, data: bytes, timeout: float | None) -> None:
+    async def send(self, data: bytes, timeout: float | None, deadline: float | None) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             raise httpx.WriteError(self._lost("the connection is closed"))
         transport.write(data)
         while not self._writable and not self._eof:
-            if not await self._wait(timeout):
+            expired = await self._wait(timeout, deadline)
+            if expired is _DEADLINE:
+                raise _expired()
+            if expired:
                 raise httpx.WriteTimeout(f"sending the request took over {timeout:g}s")
         if self._eof and self._error is not None:
             raise httpx.WriteError(self._lost("the connection was closed"))
 
-    async def receive(self, timeout: float | None) -> bool:
+    async def receive(self, timeout: float | None, deadline: float | None) -> bool:
         while not self._chunks:
             if self._eof:
                 if self._error is not None:
                     raise httpx.ReadError(self._lost("the connection was closed"))
                 return False
-            if not await self._wait(timeout):
+            expired = await self._wait(timeout, deadline)
+            if expired is _DEADLINE:
+                raise _expired()
+            if expired:
                 raise httpx.ReadTimeout(f"no data for {timeout:g}s")
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -301,10 +348,16 @@ class _ProtocolConnection(_Connection, asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    async def _wait(self, timeout: float | None) -> bool:
-        """Wait for data, the end, room to write, or ``timeout`` (then False)."""
-        waiter = self._waiter = self._loop.create_future()
-        timer = None if timeout is None else self._loop.call_later(timeout, _wake, waiter, False)
+    async def _wait(self, timeout: float | None, deadline: float | None) -> object:
+        """Wait for data, the end or room to write (then None), or until ``timeout``
+        (then _TIMEOUT) or ``deadline`` (then _DEADLINE) passes, whichever is first."""
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        expiry: object = _TIMEOUT
+        when = None if timeout is None else loop.time() + timeout
+        if deadline is not None and (when is None or deadline < when):
+            when, expiry = deadline, _DEADLINE
+        timer = None if when is None else loop.call_at(when, _wake, waiter, expiry)
         try:
             return await waiter
         finally:
@@ -353,7 +406,7 @@ class Body(httpx.AsyncByteStream):
                     raise StopAsyncIteration
                 if data:
                     return data
-                if not await conn.receive(_timeout(self._request, "read")):
+                if not await conn.receive(*_limits(self._request, "read")):
                     decoder.eof()
         except StopAsyncIteration:
             raise
@@ -455,20 +508,20 @@ class Transport(httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         """Send the request and read the response head; ``close``: the request asked for
         the connection to be closed afterwards."""
-        write_timeout = _timeout(request, "write")
+        write_timeout, deadline = _limits(request, "write")
         try:
-            await conn.send(head, write_timeout)
+            await conn.send(head, write_timeout, deadline)
             if body:
-                await conn.send(body, write_timeout)
+                await conn.send(body, write_timeout, deadline)
             elif body is None:
-                await self._send_stream(conn, request, write_timeout)
+                await self._send_stream(conn, request, write_timeout, deadline)
         except httpx.WriteError as exc:
             if conn.reused:
                 raise _StaleConnection(exc) from None
             raise
-        read_timeout = _timeout(request, "read")
+        read_timeout, deadline = _limits(request, "read")
         while True:
-            response_head = await self._read_head(conn, request, read_timeout)
+            response_head = await self._read_head(conn, request, read_timeout, deadline)
             if response_head.status >= 200 or response_head.status == 101:
                 break  # 1xx interim responses come before the real one
         if response_head.status == 101:
@@ -498,21 +551,31 @@ class Transport(httpx.AsyncBaseTransport):
         )
 
     async def _send_stream(
-        self, conn: _Connection, request: httpx.Request, timeout: float | None
+        self,
+        conn: _Connection,
+        request: httpx.Request,
+        timeout: float | None,
+        deadline: float | None,
     ) -> None:
         chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
         stream = cast("AsyncIterator[bytes]", request.stream)
         async for part in stream:
             if not part:
                 continue
-            await conn.send(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part, timeout)
+            data = b"%x\r\n%s\r\n" % (len(part), part) if chunked else part
+            await conn.send(data, timeout, deadline)
         if chunked:
-            await conn.send(b"0\r\n\r\n", timeout)
+            await conn.send(b"0\r\n\r\n", timeout, deadline)
 
     async def _read_head(
-        self, conn: _Connection, request: httpx.Request, timeout: float | None
+        self,
+        conn: _Connection,
+        request: httpx.Request,
+        timeout: float | None,
+        deadline: float | None,
     ) -> ResponseHead:
-        """Read a response head, waiting up to ``timeout`` for each network read."""
+        """Read a response head, waiting up to ``timeout`` for each network read and
+        not past ``deadline``."""
         received_any = conn.pos < len(conn.buffer)
         while True:
             end = conn.buffer.find(b"\r\n\r\n", conn.pos)
@@ -523,7 +586,7 @@ class Transport(httpx.AsyncBaseTransport):
                     f"the response head is larger than {MAX_HEAD} bytes", request=request
                 )
             try:
-                more = await conn.receive(timeout)
+                more = await conn.receive(timeout, deadline)
             except httpx.ReadError as exc:
                 if conn.reused and not received_any:
                     raise _StaleConnection(exc) from None
@@ -552,11 +615,13 @@ class Transport(httpx.AsyncBaseTransport):
         try:
             slots.acquire_nowait()
         except anyio.WouldBlock:
-            pool_timeout = _timeout(request, "pool")
-            try:
-                with anyio.fail_after(pool_timeout):
-                    await slots.acquire()
-            except TimeoutError:
+            pool_timeout, deadline = _limits(request, "pool")
+            scope, by_deadline = _scope(pool_timeout, deadline)
+            with scope or anyio.CancelScope():
+                await slots.acquire()
+            if scope is not None and scope.cancelled_caught:
+                if by_deadline:
+                    raise _expired(request) from None
                 raise httpx.PoolTimeout(
                     f"no free connection within {pool_timeout:g}s ({self._max_connections} in use)",
                     request=request,
@@ -579,23 +644,25 @@ class Transport(httpx.AsyncBaseTransport):
 
     async def _connect(self, origin: Origin, request: httpx.Request) -> _Connection:
         scheme, host, port = origin
-        timeout = _timeout(request, "connect")
+        timeout, deadline = _limits(request, "connect")
         tls = self._tls() if scheme == b"https" else None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        scope, by_deadline = _scope(timeout, deadline)
         try:
-            with anyio.fail_after(timeout):
+            with scope or anyio.CancelScope():
                 if loop is not None:
                     return await _open_protocol(loop, origin, tls)
                 return _StreamConnection(await _open_stream(host, port, tls), origin)
-        except TimeoutError:
-            raise httpx.ConnectTimeout(
-                f"connecting to {host}:{port} took over {timeout:g}s", request=request
-            ) from None
         except (OSError, anyio.BrokenResourceError) as exc:
             raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        if by_deadline:
+            raise _expired(request)
+        raise httpx.ConnectTimeout(
+            f"connecting to {host}:{port} took over {timeout:g}s", request=request
+        )
 
     async def release(self, conn: _Connection, *, reusable: bool) -> None:
         """Give back a connection's slot; keep the connection for reuse if it can be."""
@@ -762,6 +829,12 @@ class PoolClient(httpx.AsyncClient):
     @cookies.setter
     def cookies(self, cookies: Any) -> None:
         self._jar = _Cookies(cookies)
+
+    @property
+    def enforces_deadlines(self) -> bool:
+        """Whether :meth:`send_streaming` honours a request's ``aicortex.deadline``
+        (aicortex's own transport does; httpx's, behind a proxy or a test double, not)."""
+        return self._pool is not None and not _mocked()
 
     async def send_streaming(self, request: httpx.Request) -> httpx.Response:
         """What ``send(request, stream=True)`` returns, handed straight to the pool.
