@@ -82,6 +82,13 @@ async def test_text_works_before_during_and_after_iteration(
             pass
         assert await after.text() == "abcd"
         assert after.closed
+    for stream in (before, during):
+        assert stream.closed
+        assert stream.stats is not None
+        assert stream.stats.completion_tokens == 4
+        assert stream.done_reason == "stop"
+        assert [event async for event in stream] == []  # text() read everything
+        assert await stream.text() == "abcd"  # and can be asked again
 
 
 async def test_events_arrive_as_the_server_produces_them(fake_ollama: FakeOllamaFactory) -> None:

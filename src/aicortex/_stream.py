@@ -176,9 +176,15 @@ class AsyncStream:
         Raises :class:`~aicortex.StreamError` if the stream failed, or was closed
         before it finished.
         """
-        if self._state in (_NEW, _RUNNING, _FINISHING):
-            async for _ in self:
-                pass
+        if self._state == _NEW:
+            self._state = _RUNNING  # nobody is left to see the START event
+        if self._state == _RUNNING:
+            await self._next_token(emit=False)
+        if self._state == _FINISHING:
+            self._state = _FINISHED
+            await self._release(drain=True)
+        elif self._state == _FAILED:
+            await self._release()
         if self._error is not None:
             raise self._error
         if self._state == _CLOSED and self._end is None:
@@ -275,8 +281,11 @@ class AsyncStream:
         self._pos = 0
         return True
 
-    async def _next_token(self) -> StreamEvent | None:
-        """The next TOKEN event; None when the state changed (end or failure)."""
+    async def _next_token(self, emit: bool = True) -> StreamEvent | None:
+        """The next TOKEN event; None when the state changed (end or failure).
+
+        With ``emit`` False, no events: read on to the end, keeping only the text,
+        thinking, tool calls and stats (returns None, or the ERROR event)."""
         while True:
             lines = self._lines
             pos = self._pos
@@ -324,6 +333,10 @@ class AsyncStream:
                         self._tool_calls.extend(calls)
                     index = self._index
                     self._index = index + 1
+                    if not emit:
+                        if done:
+                            return None
+                        continue
                     return StreamEvent(
                         _TOKEN,
                         self._model,
