@@ -7,6 +7,7 @@ mapping from an HTTP error answer to what the client should do about it.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -422,6 +423,7 @@ def classify_status(status: int, body: bytes, content_type: str) -> Failure:
     return Failure("retry", f"HTTP {status}: {message}" if message else f"HTTP {status}", status)
 
 
+@functools.lru_cache(maxsize=1024)  # looked up for every chat and probe
 def model_key(name: str) -> str:
     """A model name as Ollama matches it: lower-case, ``:latest`` when no tag."""
     key = name.strip().lower()
