@@ -19,6 +19,7 @@ pytest-httpx), requests go through httpx's default transport so the double sees 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import math
 import select
@@ -117,6 +118,9 @@ def _scope(timeout: float | None, deadline: float | None) -> tuple[anyio.CancelS
     return anyio.CancelScope(deadline=when), False
 
 
+_NO_LIMIT = contextlib.nullcontext()  # stands in for a scope when a wait has no limit
+
+
 def _expired(request: httpx.Request | None = None) -> DeadlineExceeded:
     return DeadlineExceeded("the request's deadline passed", request=request)
 
@@ -191,11 +195,8 @@ class _StreamConnection(_Connection):
     async def send(self, data: bytes, timeout: float | None, deadline: float | None) -> None:
         scope, by_deadline = _scope(timeout, deadline)
         try:
-            if scope is None:
+            with scope or _NO_LIMIT:
                 await self.stream.send(data)
-            else:
-                with scope:
-                    await self.stream.send(data)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
         if scope is not None and scope.cancelled_caught:
@@ -207,11 +208,8 @@ class _StreamConnection(_Connection):
         scope, by_deadline = _scope(timeout, deadline)
         data = b""
         try:
-            if scope is None:
+            with scope or _NO_LIMIT:
                 data = await self.stream.receive(_READ_SIZE)
-            else:
-                with scope:
-                    data = await self.stream.receive(_READ_SIZE)
         except anyio.EndOfStream:
             return False
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
@@ -617,7 +615,7 @@ class Transport(httpx.AsyncBaseTransport):
         except anyio.WouldBlock:
             pool_timeout, deadline = _limits(request, "pool")
             scope, by_deadline = _scope(pool_timeout, deadline)
-            with scope or anyio.CancelScope():
+            with scope or _NO_LIMIT:
                 await slots.acquire()
             if scope is not None and scope.cancelled_caught:
                 if by_deadline:
@@ -652,7 +650,7 @@ class Transport(httpx.AsyncBaseTransport):
             loop = None
         scope, by_deadline = _scope(timeout, deadline)
         try:
-            with scope or anyio.CancelScope():
+            with scope or _NO_LIMIT:
                 if loop is not None:
                     return await _open_protocol(loop, origin, tls)
                 return _StreamConnection(await _open_stream(host, port, tls), origin)
