@@ -12,6 +12,7 @@ import pytest
 from fakeollama import BlackHole, BlackHoleFactory, FakeOllama, FakeOllamaFactory
 
 _ENVIRONMENT = (
+    "AICORTEX_HTTP",
     "OLLAMA_HOST",
     "AICORTEX_SERVERS",
     "AICORTEX_MODEL",
@@ -31,14 +32,43 @@ def pytest_pycollect_makeitem(
     return (yield)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")],
-)
+# (event loop, AICORTEX_HTTP): each async test runs on asyncio and on trio with the
+# default transport; a module that sets EVERY_TRANSPORT = True also runs on asyncio
+# with httpx's transport, so what it tests holds for both transports asyncio can use.
+_BACKENDS = [("asyncio", None), ("trio", None)]
+_TRANSPORTS = [("asyncio", "aiohttp"), ("asyncio", "httpx"), ("trio", "httpx")]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "anyio_backend" not in metafunc.fixturenames:
+        return
+    every = getattr(metafunc.module, "EVERY_TRANSPORT", False)
+    combos = _TRANSPORTS if every else _BACKENDS
+    metafunc.parametrize(
+        "anyio_backend",
+        combos,
+        ids=[backend if http is None else f"{backend}-{http}" for backend, http in combos],
+        indirect=True,
+        scope="module",
+    )
+
+
+@pytest.fixture(scope="module")
 def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """Run each async test once on asyncio and once on trio."""
-    backend: str = request.param
+    """Run each async test once on asyncio and once on trio (and see EVERY_TRANSPORT)."""
+    backend: str = request.param[0]
     return backend
+
+
+@pytest.fixture(autouse=True)
+def _http_transport(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, _isolated_environment: None
+) -> None:
+    """Pin AICORTEX_HTTP for the tests of an EVERY_TRANSPORT module."""
+    callspec = getattr(request.node, "callspec", None)
+    combo = callspec.params.get("anyio_backend") if callspec is not None else None
+    if isinstance(combo, tuple) and combo[1] is not None:
+        monkeypatch.setenv("AICORTEX_HTTP", str(combo[1]))
 
 
 @pytest.fixture(autouse=True)

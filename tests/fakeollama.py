@@ -836,6 +836,13 @@ class FakeOllama(_Background):
         thread.join(_JOIN_TIMEOUT)
         self._thread = self._loop = self._stopping = None
 
+    def drop_idle_connections(self) -> None:
+        """Close every open connection now (FIN), as a server ending its keep-alives does."""
+        loop = self._loop
+        if loop is not None:
+            for writer in list(self._writers):
+                loop.call_soon_threadsafe(writer.close)
+
     def _run(self, ready: threading.Event) -> None:
         try:
             asyncio.run(self._main(ready))

@@ -37,6 +37,9 @@ from fakeollama import (
     status,
 )
 
+# What these tests pin down holds on every transport (see conftest.py).
+EVERY_TRANSPORT = True
+
 MODEL = "llama3.2:3b"
 QUICK = Timeout(connect=1.0, first_token=1.0, idle=1.0, probe=0.5)
 

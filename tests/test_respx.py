@@ -1,4 +1,8 @@
-"""Unit tests with respx at the HTTP boundary: exact requests and answers, no sockets."""
+"""Unit tests with respx at the HTTP boundary: exact requests and answers, no sockets.
+
+respx patches httpx's own transport, so these tests do what the README tells users to
+do in theirs: set ``AICORTEX_HTTP=httpx`` (on asyncio, "auto" would pick aiohttp).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ MODEL = "llama3.2:3b"
 
 
 @pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
+def mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
+    monkeypatch.setenv("AICORTEX_HTTP", "httpx")
     with respx.mock(assert_all_called=False) as router:
         yield router
 
@@ -137,3 +142,22 @@ async def test_an_api_key_is_sent_as_a_bearer_token(
         await cortex.chat("hi", model=MODEL)
     assert route.calls.last.request.headers["authorization"] == "Bearer sekrit"
     assert chat.calls.last.request.headers["authorization"] == "Bearer sekrit"
+
+
+async def test_the_documented_recipe_mocks_a_default_cortex(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's recipe for users' tests: AICORTEX_HTTP=httpx plus respx.mock, and a
+    cortex built with default settings never touches the network."""
+    monkeypatch.setenv("AICORTEX_HTTP", "httpx")
+    monkeypatch.setenv("OLLAMA_HOST", A)
+    with respx.mock(assert_all_mocked=True) as router:
+        router.get(f"{A}/api/tags").respond(json={"models": [{"name": MODEL, "model": MODEL}]})
+        router.get(f"{A}/api/version").respond(json={"version": "0.12.0"})
+        router.post(f"{A}/api/chat").respond(
+            content=b'{"message":{"role":"assistant","content":"mocked"},"done":false}\n'
+            b'{"message":{"role":"assistant","content":""},"done":true}\n'
+        )
+        async with AsyncCortex() as cortex:
+            assert cortex.transport() == "httpx"
+            assert await cortex.chat("hi", model=MODEL) == "mocked"

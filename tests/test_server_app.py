@@ -18,7 +18,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from aicortex import AsyncCortex, Timeout
+from aicortex import AsyncCortex, Timeout, ValidationError
 from aicortex.server import create_app
 from fakeollama import (
     FakeOllama,
@@ -627,6 +627,18 @@ def test_a_lazily_created_cortex_is_closed_at_shutdown(fake_ollama: FakeOllamaFa
         assert httpx.post(url + "/v1/chat/completions", json=HI).status_code == 200
         assert handle.created
     assert not handle.created
+
+
+def test_the_app_makes_its_cortex_with_the_transport_settings_given() -> None:
+    """http= and max_connections= reach the AsyncCortex the app creates; with a cortex
+    passed in they belong to that cortex instead."""
+    handle = create_app(servers=["http://127.0.0.1:9"], http="httpx", max_connections=3).state
+    cortex = handle.aicortex.cortex
+    assert (cortex.http, cortex.limits.max_connections) == ("httpx", 3)
+    with pytest.raises(ValueError, match="max_connections= to the AsyncCortex"):
+        create_app(AsyncCortex(), max_connections=3)
+    with pytest.raises(ValidationError, match="http must be one of"):
+        create_app(http="curl")  # type: ignore[arg-type]
 
 
 def test_a_cortex_passed_in_is_never_closed(fake_ollama: FakeOllamaFactory) -> None:

@@ -147,3 +147,40 @@ def test_serve_with_a_missing_key_file_exits_with_a_message(tmp_path: Path) -> N
     )
     assert result.returncode == 2
     assert "nope.txt" in result.stderr
+
+
+def test_serve_takes_the_transport_and_the_connection_limit(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory
+) -> None:
+    """--http and --max-connections reach the pools; the proxy serves through them."""
+    server = fake_ollama(chat=reply(["over", " httpx"]))
+    proxy = run_proxy("--server", server.url, "--http", "httpx", "--max-connections", "2")
+    proxy.wait_until_up()
+    response = httpx.post(proxy.url + "/v1/chat/completions", json=HI, timeout=10)
+    assert response.json()["choices"][0]["message"]["content"] == "over httpx"
+    code, err = proxy.stop()
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--max-connections", "0"], "max_connections must be a whole number >= 1"),
+        (["--http", "curl"], "invalid choice: 'curl'"),
+    ],
+)
+def test_serve_refuses_a_bad_transport_setting_before_listening(
+    option: list[str], message: str
+) -> None:
+    """A bad --http or --max-connections stops the command with status 2, saying why."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "aicortex", "serve", "--port", str(free_port()), *option],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr

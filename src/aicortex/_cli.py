@@ -320,6 +320,8 @@ def cmd_servers(args: argparse.Namespace) -> int:
     async def probe() -> tuple[list[ServerInfo], list[str]]:
         timeout = Timeout(probe=args.timeout)
         async with AsyncCortex(servers or None, fallback=not servers, timeout=timeout) as cortex:
+            if args.verbose:
+                _err(f"{PROG}: HTTP transport: {cortex.transport()} (http={cortex.http})")
             infos = await cortex.probe_servers(model)
             live = [name for info in infos if info.up for name in info.models]
             return infos, cortex.catalog.suggestions(model, extra=live) if model else []
@@ -586,7 +588,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="give up on a server after this long (default: 2)",
     )
     servers.add_argument("--json", action="store_true", help="print JSON")
-    servers.add_argument("-v", "--verbose", action="store_true", help="log warnings")
+    servers.add_argument(
+        "-v", "--verbose", action="store_true", help="log warnings; name the HTTP transport"
+    )
     servers.set_defaults(run=cmd_servers)
 
     refresh = sub.add_parser(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from types import TracebackType
@@ -31,6 +31,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._health import NOT_PROBED, ServerInfo, plan_attempts, unique
+from ._pools import HttpChoice, TransportName, connection_limits, http_choice
 from ._protocol import (
     CHAT_PATH,
     Message,
@@ -39,9 +40,8 @@ from ._protocol import (
     classify_status,
     encode_body,
 )
-from ._router import Router, describe_error, request_timeouts
+from ._router import Router, describe_error, idle_enforced, request_timeouts
 from ._stream import AsyncStream, StartFailed
-from ._transport import DEADLINE_EXTENSION, DeadlineExceeded
 from ._urls import is_local_default, normalize_host
 
 __all__ = ["ApiRequest", "AsyncCortex", "whole_answer"]
@@ -94,6 +94,13 @@ class AsyncCortex:
 
         async with AsyncCortex(servers=["http://gpu-box:11434"]) as cortex:
             print(await cortex.chat("Why is the sky blue?", model="llama3.2:3b"))
+
+    Each server gets a pooled ``httpx.AsyncClient``. ``http`` picks its transport
+    (else ``AICORTEX_HTTP``): ``"auto"``, the default, uses httpx-aiohttp's on asyncio
+    when it is installed and httpx's own otherwise (always on trio); ``"httpx"`` or
+    ``"aiohttp"`` force one. ``max_connections`` (default 1,000), or a whole
+    ``httpx.Limits`` as ``limits``, bounds the requests in flight to each server;
+    a chat past it waits for a free connection within its first-token limit.
     """
 
     def __init__(
@@ -106,6 +113,9 @@ class AsyncCortex:
         fallback: bool = True,
         headers: Mapping[str, str] | None = None,
         catalog: Catalog | None = None,
+        http: HttpChoice | None = None,
+        limits: httpx.Limits | None = None,
+        max_connections: int | None = None,
     ) -> None:
         configured = _as_list(servers) or env_servers()
         self._servers = unique(normalize_host(s) for s in configured)
@@ -125,7 +135,11 @@ class AsyncCortex:
         if api_key and not any(k.lower() == "authorization" for k in all_headers):
             all_headers["Authorization"] = f"Bearer {api_key}"
         self._router = Router(
-            timeout=self._timeout, health_ttl=float(health_ttl), headers=all_headers
+            timeout=self._timeout,
+            health_ttl=float(health_ttl),
+            headers=all_headers,
+            http=http_choice(http),
+            limits=connection_limits(limits, max_connections),
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -154,6 +168,22 @@ class AsyncCortex:
     def timeout(self) -> Timeout:
         """The default timeouts of this client."""
         return self._timeout
+
+    @property
+    def http(self) -> HttpChoice:
+        """The transport choice: ``"auto"``, ``"httpx"`` or ``"aiohttp"``."""
+        return self._router.http
+
+    @property
+    def limits(self) -> httpx.Limits:
+        """The connection limits of each server's pool."""
+        return self._router.limits
+
+    def transport(self) -> TransportName:
+        """The transport (``"aiohttp"`` or ``"httpx"``) that a server's pool uses when
+        made on the running event loop. A server that the environment routes through a
+        proxy always uses httpx's."""
+        return self._router.transport()
 
     @property
     def catalog(self) -> Catalog:
@@ -364,6 +394,8 @@ class AsyncCortex:
             except _AttemptError as exc:
                 self._router.mark_down(url, exc.reason)
                 attempts.append(Attempt(url, exc.reason))
+            except _LocalWait as exc:
+                attempts.append(Attempt(url, exc.reason))
         if missing_on:
             live: list[str] = []
             for url in missing_on:
@@ -395,23 +427,28 @@ class AsyncCortex:
             remaining = max(deadline - now, 0.0)
             total_binds = limit is None or remaining <= limit
             limit = remaining if total_binds else limit
-        timeouts = request_timeouts(t)  # the idle limit replaces "read" below
-        request = self._router.chat_request(url, body, timeouts)
-        client = self._router.client(url)
-        until = None if limit is None else now + limit  # for the first token
-        # aicortex's transport ends every wait of the request by `until` itself, which
-        # is cheaper than a cancel scope; httpx's (behind a proxy) needs the scope.
-        direct = client.enforces_deadlines
-        scope = _NO_SCOPE
-        if until is not None:
-            if direct:
-                request.extensions[DEADLINE_EXTENSION] = until
-            else:
-                scope = anyio.CancelScope(deadline=until)
+        router = self._router
+        pool = router.pool(url)
+        kind = pool.transport
+        timeouts = request_timeouts(t, kind)
+        request = router.chat_request(url, body, timeouts)
+        slots = pool.slots
+        holding = waiting = False
         response: httpx.Response | None = None
-        with scope:
+        stream: AsyncStream | None = None
+        # One limit for the first token, from here: a free slot, connecting, the
+        # response head and the first chunk all count.
+        with anyio.CancelScope(deadline=math.inf if limit is None else now + limit):
             try:
-                response = await client.send_streaming(request)
+                if slots is not None:
+                    try:
+                        slots.acquire_nowait()
+                    except anyio.WouldBlock:
+                        waiting = True
+                        await slots.acquire()
+                        waiting = False
+                    holding = True
+                response = await pool.client.send(request, stream=True)
                 if response.status_code != 200:
                     raise self._status_error(response, await _read_capped(response))
                 # Once the server answers, the idle limit applies between chunks.
@@ -422,33 +459,34 @@ class AsyncCortex:
                     server=url,
                     deadline=deadline,
                     total=t.total,
-                    idle=t.idle,
-                    on_failure=self._router.mark_down,
-                    enforced=direct,
+                    idle=None if idle_enforced(t, kind) else t.idle,
+                    on_failure=router.mark_down,
+                    on_release=None if slots is None else slots.release,
                 )
+                holding = False  # from now on the stream gives the slot back
                 await stream._prime()  # pyright: ignore[reportPrivateUsage]
-                if direct:  # from the first token on, only the caller's total limit
-                    if deadline is None:
-                        request.extensions.pop(DEADLINE_EXTENSION, None)
-                    else:
-                        request.extensions[DEADLINE_EXTENSION] = deadline
-                return stream
+                opened, stream, response = stream, None, None
+                return opened
             except StartFailed as exc:
-                await _close(response)
                 if not exc.deadline:
                     raise _AttemptError(exc.reason) from None
-            except DeadlineExceeded:
-                await _close(response)
             except httpx.HTTPError as exc:
-                await _close(response)
                 raise _AttemptError(describe_error(exc, t)) from None
-            except BaseException:
-                await _close(response)
-                raise
+            finally:
+                if stream is not None:
+                    await stream.aclose()
+                else:
+                    await _close(response)
+                if holding and slots is not None:
+                    slots.release()
         # The first token did not come in time.
-        await _close(response)
         if total_binds:
             raise CortexTimeoutError("total", t.total or 0.0, server=url)
+        if waiting:
+            raise _LocalWait(
+                f"no free connection within {limit:g}s: {pool.limit} requests to it were "
+                "already in flight (raise max_connections to allow more)"
+            )
         raise _AttemptError(f"no first token within {limit:g}s")
 
     def _status_error(self, response: httpx.Response, body: bytes) -> Exception:
@@ -575,7 +613,12 @@ async def whole_answer(
     return await cortex._collect(call)  # pyright: ignore[reportPrivateUsage]
 
 
-_NO_SCOPE = contextlib.nullcontext()
+class _LocalWait(Exception):
+    """Every local connection slot of a server stayed busy: nothing against the server."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
 
 
 class _AttemptError(Exception):

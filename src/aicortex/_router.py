@@ -1,13 +1,10 @@
-"""Connection pools and concurrent health probing of Ollama servers."""
+"""Concurrent health probing of Ollama servers, over each server's :class:`Pool`."""
 
 from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
@@ -16,32 +13,34 @@ import httpx
 
 from ._config import Timeout
 from ._health import Health, HealthCache, decided
+from ._pools import DEFAULT_LIMITS, HttpChoice, Pool, TransportName, make_pool, pick_transport
 from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH
-from ._transport import PoolClient, Transport, shared_ssl_context
 
-__all__ = ["Router", "describe_error", "request_timeouts"]
+__all__ = ["Router", "describe_error", "idle_enforced", "request_timeouts"]
 
 logger = logging.getLogger("aicortex")
 
-_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
+
+def request_timeouts(t: Timeout, transport: TransportName) -> dict[str, float | None]:
+    """httpx's timeouts for a chat sent to a server over ``transport``, as a fresh dict.
+
+    No ``pool`` limit: a chat waits for a local slot in its :class:`Pool`, bounded by the
+    first-token limit. httpx's transport reads ``read`` afresh at every read, so the
+    caller switches it to the idle limit once the response has started; aiohttp's fixes
+    it when the request starts, so it gets the longer of the two and the stream enforces
+    the idle limit itself (see :func:`idle_enforced`).
+    """
+    read = t.first_token
+    if transport == "aiohttp":
+        read = None if read is None or t.idle is None else max(read, t.idle)
+    return {"connect": t.connect, "read": read, "write": t.connect, "pool": None}
 
 
-def request_timeouts(t: Timeout) -> dict[str, float | None]:
-    """httpx's timeouts for a request to a server, as a fresh dict (a caller may change
-    ``read`` once the response has started)."""
-    return {"connect": t.connect, "read": t.first_token, "write": t.connect, "pool": t.first_token}
-
-
-def _proxied(url: str) -> bool:
-    """Whether the environment (``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``...) sends
-    requests to ``url`` through a proxy."""
-    proxies = urllib.request.getproxies()
-    if not proxies:
-        return False
-    parts = urllib.parse.urlsplit(url)
-    if not (proxies.get(parts.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(parts.netloc.rpartition("@")[2])
+def idle_enforced(t: Timeout, transport: TransportName) -> bool:
+    """Whether the transport itself ends a read after ``t.idle`` once a stream started."""
+    if transport == "httpx" or t.idle is None:
+        return True
+    return t.first_token is not None and t.first_token <= t.idle
 
 
 def describe_error(exc: BaseException, timeout: Timeout) -> str:
@@ -90,7 +89,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 class Router:
-    """Owns one pooled ``httpx.AsyncClient`` per server and the health cache.
+    """Owns one :class:`Pool` per server and the health cache.
 
     All methods run on the event loop that created the router.
     """
@@ -101,11 +100,15 @@ class Router:
         timeout: Timeout,
         health_ttl: float,
         headers: Mapping[str, str] | None = None,
+        http: HttpChoice = "auto",
+        limits: httpx.Limits = DEFAULT_LIMITS,
     ) -> None:
         self.timeout = timeout
         self.cache = HealthCache(health_ttl)
+        self.http: HttpChoice = http
+        self.limits = limits
         self._headers = dict(headers or {})
-        self._clients: dict[str, PoolClient] = {}
+        self._pools: dict[str, Pool] = {}
         self._chat_templates: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
         self._inflight: dict[str, anyio.Event] = {}
         self._closed = False
@@ -122,37 +125,30 @@ class Router:
         if self._closed:
             raise RuntimeError("This AsyncCortex is closed; create a new one.")
 
-    def client(self, url: str) -> PoolClient:
-        """The pooled client for ``url``, created on first use."""
+    def pool(self, url: str) -> Pool:
+        """The pool for ``url``, created on first use."""
         self.check_open()
-        client = self._clients.get(url)
-        if client is None:
+        pool = self._pools.get(url)
+        if pool is None:
             t = self.timeout
-            # httpx builds a transport for each proxy the environment names, with this
-            # TLS context; without proxies it is unused (the CA bundle loads only for
-            # https:// servers, on their first connection).
-            verify: ssl.SSLContext | bool = (
-                shared_ssl_context() if urllib.request.getproxies() else True
-            )
-            client = PoolClient(
-                base_url=url,
-                headers={"Accept": "application/json", **self._headers},
-                timeout=httpx.Timeout(**request_timeouts(t)),
-                limits=_LIMITS,
-                verify=verify,
-                # Through a proxy from the environment, httpx's own transport does the
-                # work (httpx ignores those variables when given a transport).
-                transport=None
-                if _proxied(url)
-                else Transport(
-                    max_connections=_LIMITS.max_connections or 100,
-                    max_keepalive_connections=_LIMITS.max_keepalive_connections or 20,
-                    keepalive_expiry=_LIMITS.keepalive_expiry or 30.0,
+            pool = self._pools[url] = make_pool(
+                url,
+                choice=self.http,
+                limits=self.limits,
+                timeout=httpx.Timeout(
+                    connect=t.connect, read=t.first_token, write=t.connect, pool=t.first_token
                 ),
-                follow_redirects=True,
+                headers=self._headers,
             )
-            self._clients[url] = client
-        return client
+        return pool
+
+    def client(self, url: str) -> httpx.AsyncClient:
+        """The pooled client for chats (and other requests) to ``url``."""
+        return self.pool(url).client
+
+    def transport(self) -> TransportName:
+        """The transport a new pool gets on the running event loop."""
+        return pick_transport(self.http)
 
     def chat_request(
         self, url: str, content: bytes, timeouts: dict[str, float | None]
@@ -186,8 +182,9 @@ class Router:
         self.cache.mark_down(url, reason, self.now())
 
     async def probe(self, url: str) -> Health:
-        """Probe one server (``GET /api/tags`` and ``/api/version`` at once); cache the result."""
-        client = self.client(url)
+        """Probe one server (``GET /api/tags`` and ``/api/version`` at once, on the probe
+        connections of its pool); cache the result."""
+        client = self.pool(url).probes
         probe_timeout = self.timeout.probe
         started = self.now()
         tags: dict[str, Any] = {}
@@ -269,6 +266,8 @@ class Router:
         settled: a server that is up and lists the model, with every server
         preferred over it already known.
         """
+        if self.http == "aiohttp":
+            pick_transport(self.http)  # on trio: a ValidationError now, not in a probe
         now = self.now()
         known: dict[str, Health] = {}
         if not fresh:
@@ -296,11 +295,11 @@ class Router:
     async def aclose(self) -> None:
         """Close every pooled connection."""
         self._closed = True
-        clients = list(self._clients.values())
-        self._clients.clear()
+        pools = list(self._pools.values())
+        self._pools.clear()
         with anyio.CancelScope(shield=True):
-            for client in clients:
-                await client.aclose()
+            for pool in pools:
+                await pool.aclose()
 
 
 def _json_request(

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
 import anyio
 import httpx
+from pydantic_core import from_json
 
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import CortexTimeoutError, StreamError
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
-from ._transport import BODY_EXTENSION, Body, DeadlineExceeded
 
 __all__ = ["AsyncStream", "StartFailed"]
 
 _TOKEN = EventType.TOKEN
-_decode = json.JSONDecoder().decode
+
+_MORE: Any = object()  # every line read so far is decoded: read more
 
 # Stream states.
 _NEW, _RUNNING, _FINISHING, _FINISHED, _FAILED, _CLOSED = range(6)
@@ -66,15 +67,14 @@ class AsyncStream:
         total: float | None = None,
         idle: float | None = None,
         on_failure: Callable[[str, str], None] | None = None,
-        enforced: bool = False,
+        on_release: Callable[[], None] | None = None,
     ) -> None:
-        # enforced: the transport itself ends reads at the deadline (DeadlineExceeded)
+        # deadline: the caller's total limit, checked at every read; idle: a gap limit
+        # the transport does not enforce itself, so this stream does, per read.
         self._response = response
         # Without a content-encoding the raw byte stream is the body: reading it
         # directly skips generator layers per chunk on the hot path.
-        body = response.extensions.get(BODY_EXTENSION)
-        self._body = body if isinstance(body, Body) else None
-        raw = response.stream if self._body is None else self._body
+        raw = response.stream
         self._chunks: AsyncIterator[bytes]
         if isinstance(raw, httpx.AsyncByteStream) and response.headers.get(
             "content-encoding", "identity"
@@ -84,10 +84,12 @@ class AsyncStream:
             self._chunks = response.aiter_bytes()
         self._model = model
         self._server = server
-        self._deadline = None if enforced else deadline  # to enforce here, per read
+        self._deadline = deadline
         self._total = total
         self._idle = idle
+        self._limited = deadline is not None or idle is not None
         self._on_failure = on_failure
+        self._on_release = on_release
         self._lines: list[bytes] = []
         self._pos = 0
         self._tail = b""
@@ -167,6 +169,7 @@ class AsyncStream:
             return self._end
         if state == _FAILED:
             assert self._error is not None
+            await self._release()
             raise self._error
         raise StopAsyncIteration
 
@@ -253,22 +256,24 @@ class AsyncStream:
     async def _read(self) -> bool:
         """Read the next network chunk into ``_lines``; False at the end of the body."""
         try:
-            if self._deadline is None:
+            if not self._limited:
                 chunk = await self._chunks.__anext__()
             else:
-                with anyio.fail_after(max(self._deadline - anyio.current_time(), 0)):
-                    chunk = await self._chunks.__anext__()
+                chunk = await self._read_limited()
         except StopAsyncIteration:
             if self._tail.strip():
                 self._lines, self._pos, self._tail = [self._tail], 0, b""
                 return True
             return False
-        except (TimeoutError, DeadlineExceeded):
+        except _TotalExpired:
             total = self._total if self._total is not None else 0.0
             timeout = CortexTimeoutError("total", total, server=self._server)
             raise _ReadFailed(str(timeout), timeout, deadline=True) from None
-        except httpx.ReadTimeout:
-            idle = self._idle if self._idle is not None else 0.0
+        except (httpx.ReadTimeout, _IdleExpired):
+            idle = self._idle
+            if idle is None:  # the transport's own read limit is the idle limit
+                read = self._response.request.extensions.get("timeout", {}).get("read")
+                idle = read if isinstance(read, (int, float)) else 0.0
             timeout = CortexTimeoutError("idle", idle, server=self._server)
             raise _ReadFailed(f"no data for {idle:g}s", timeout) from None
         except httpx.RemoteProtocolError:
@@ -281,85 +286,116 @@ class AsyncStream:
         self._pos = 0
         return True
 
+    async def _read_limited(self) -> bytes:
+        """The next chunk within the caller's deadline and the idle limit, whichever
+        comes first; raises :class:`_TotalExpired` or :class:`_IdleExpired`."""
+        deadline = math.inf if self._deadline is None else self._deadline
+        idle_ends = math.inf
+        if self._idle is not None:
+            idle_ends = anyio.current_time() + self._idle
+        with anyio.CancelScope(deadline=min(deadline, idle_ends)) as scope:
+            return await self._chunks.__anext__()
+        if scope.cancelled_caught and deadline <= idle_ends:
+            raise _TotalExpired
+        raise _IdleExpired
+
+    def _take(self, events: list[StreamEvent]) -> None:
+        """Append to ``events`` the TOKEN events whose lines have already arrived, without
+        waiting for the network (the blocking ``Stream`` hands them over as one batch).
+        Stops at the end of the answer, or after a failure's ERROR event; the next
+        ``__anext__`` goes on from there."""
+        while self._state == _RUNNING and self._pos < len(self._lines):
+            event = self._decode_buffered()
+            if event is None or event is _MORE:
+                return
+            events.append(event)
+
     async def _next_token(self, emit: bool = True) -> StreamEvent | None:
         """The next TOKEN event; None when the state changed (end or failure).
 
         With ``emit`` False, no events: read on to the end, keeping only the text,
         thinking, tool calls and stats (returns None, or the ERROR event)."""
         while True:
-            lines = self._lines
-            pos = self._pos
-            while pos < len(lines):
-                line = lines[pos]
-                pos += 1
-                if not line or line.isspace():
-                    continue
-                self._pos = pos
-                try:
-                    obj: dict[str, Any]
-                    if self._first is not None:
-                        obj, self._first = self._first, None
-                    else:
-                        obj = _decode(line.decode())
-                    message = obj.get("message")
-                    if message is not None:
-                        content = message.get("content") or ""
-                        thinking = message.get("thinking")
-                        calls = (
-                            tool_calls_from_message(message) if message.get("tool_calls") else ()
-                        )
-                    else:
-                        # /api/generate-shaped chunks carry the text in "response".
-                        content = obj.get("response") or ""
-                        thinking = obj.get("thinking")
-                        calls = ()
-                    if obj.get("error"):
-                        return self._fail(f"the server reported an error: {obj['error']}")
-                    done = obj.get("done") is True
-                except (ValueError, AttributeError, TypeError):
-                    try:
-                        decode_line(line)
-                    except BadChunk as exc:
-                        return self._fail(str(exc))
-                    return self._fail("the server sent a chunk that is not a chat response")
-                if done:
-                    self._finish(obj)
-                if content or thinking or calls:
-                    if content:
-                        self._parts.append(content)
-                    if thinking:
-                        self._thinking.append(thinking)
-                    if calls:
-                        self._tool_calls.extend(calls)
-                    index = self._index
-                    self._index = index + 1
-                    if not emit:
-                        if done:
-                            return None
-                        continue
-                    return StreamEvent(
-                        _TOKEN,
-                        self._model,
-                        self._server,
-                        content,
-                        index,
-                        False,
-                        thinking or None,
-                        calls,
-                        None,
-                        None,
-                        None,
-                        obj,
-                    )
-                if done:
-                    return None
-            self._pos = pos
+            event = self._decode_buffered(emit)
+            if event is not _MORE:
+                return event
             try:
                 more = await self._read()
             except _ReadFailed as exc:
                 return self._fail(exc.reason, exc.timeout)
             if not more:
                 return self._fail("the response ended without a final done chunk")
+
+    def _decode_buffered(self, emit: bool = True) -> StreamEvent | None:
+        """Decode the lines already read: the next TOKEN event (with ``emit``), None
+        when the answer ended, the ERROR event when it failed, or ``_MORE`` when every
+        line read so far is used up."""
+        lines = self._lines
+        pos = self._pos
+        while pos < len(lines):
+            line = lines[pos]
+            pos += 1
+            if not line or line.isspace():
+                continue
+            self._pos = pos
+            try:
+                obj: dict[str, Any]
+                if self._first is not None:
+                    obj, self._first = self._first, None
+                else:
+                    obj = from_json(line)
+                message = obj.get("message")
+                if message is not None:
+                    content = message.get("content") or ""
+                    thinking = message.get("thinking")
+                    calls = tool_calls_from_message(message) if message.get("tool_calls") else ()
+                else:
+                    # /api/generate-shaped chunks carry the text in "response".
+                    content = obj.get("response") or ""
+                    thinking = obj.get("thinking")
+                    calls = ()
+                if obj.get("error"):
+                    return self._fail(f"the server reported an error: {obj['error']}")
+                done = obj.get("done") is True
+            except (ValueError, AttributeError, TypeError):
+                try:
+                    decode_line(line)
+                except BadChunk as exc:
+                    return self._fail(str(exc))
+                return self._fail("the server sent a chunk that is not a chat response")
+            if done:
+                self._finish(obj)
+            if content or thinking or calls:
+                if content:
+                    self._parts.append(content)
+                if thinking:
+                    self._thinking.append(thinking)
+                if calls:
+                    self._tool_calls.extend(calls)
+                index = self._index
+                self._index = index + 1
+                if not emit:
+                    if done:
+                        return None
+                    continue
+                return StreamEvent(
+                    _TOKEN,
+                    self._model,
+                    self._server,
+                    content,
+                    index,
+                    False,
+                    thinking or None,
+                    calls,
+                    None,
+                    None,
+                    None,
+                    obj,
+                )
+            if done:
+                return None
+        self._pos = pos
+        return _MORE
 
     def _finish(self, obj: dict[str, Any]) -> None:
         stats = stats_from_chunk(obj)
@@ -406,19 +442,27 @@ class AsyncStream:
         if self._released:
             return
         self._released = True
-        if self._body is not None and self._body.finished:
-            # The transport already took the connection back; closing does no I/O.
-            await self._response.aclose()
-            return
-        with anyio.CancelScope(shield=True):
-            if drain:
-                with anyio.move_on_after(1.0):
-                    try:
-                        async for _ in self._chunks:
+        try:
+            with anyio.CancelScope(shield=True):
+                if drain:
+                    with anyio.move_on_after(1.0):
+                        try:
+                            async for _ in self._chunks:
+                                pass
+                        except httpx.HTTPError:
                             pass
-                    except httpx.HTTPError:
-                        pass
-            await self._response.aclose()
+                await self._response.aclose()
+        finally:
+            if self._on_release is not None:
+                self._on_release()
+
+
+class _TotalExpired(Exception):
+    pass
+
+
+class _IdleExpired(Exception):
+    pass
 
 
 class _ReadFailed(Exception):

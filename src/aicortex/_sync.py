@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
+import httpx
 from anyio.from_thread import BlockingPortal
 
 from ._catalog import Catalog, ModelInfo, ServerEntry
@@ -28,6 +29,7 @@ from ._config import DEFAULT_HEALTH_TTL, Timeout
 from ._events import Stats, StreamEvent, ToolCall
 from ._exceptions import StreamError
 from ._health import ServerInfo
+from ._pools import HttpChoice, TransportName
 from ._stream import AsyncStream
 
 __all__ = ["Cortex", "Stream"]
@@ -70,7 +72,8 @@ class Cortex:
 
     Safe to share between threads; use it as a context manager or call
     :meth:`close`. ``backend`` picks the event loop that runs it in the background
-    (``"asyncio"`` or ``"trio"``)::
+    (``"asyncio"`` or ``"trio"``); ``http``, ``limits`` and ``max_connections`` are
+    :class:`~aicortex.AsyncCortex`'s::
 
         with Cortex(servers=["http://gpu-box:11434"]) as cortex:
             print(cortex.chat("Why is the sky blue?", model="llama3.2:3b"))
@@ -87,6 +90,9 @@ class Cortex:
         headers: Mapping[str, str] | None = None,
         catalog: Catalog | None = None,
         backend: Literal["asyncio", "trio"] = "asyncio",
+        http: HttpChoice | None = None,
+        limits: httpx.Limits | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self._async = AsyncCortex(
             servers,
@@ -96,6 +102,9 @@ class Cortex:
             fallback=fallback,
             headers=headers,
             catalog=catalog,
+            http=http,
+            limits=limits,
+            max_connections=max_connections,
         )
         self._lock = threading.Lock()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
@@ -162,6 +171,24 @@ class Cortex:
     def timeout(self) -> Timeout:
         """The default timeouts of this client."""
         return self._async.timeout
+
+    @property
+    def http(self) -> HttpChoice:
+        """The transport choice: ``"auto"``, ``"httpx"`` or ``"aiohttp"``."""
+        return self._async.http
+
+    @property
+    def limits(self) -> httpx.Limits:
+        """The connection limits of each server's pool."""
+        return self._async.limits
+
+    def transport(self) -> TransportName:
+        """The transport (``"aiohttp"`` or ``"httpx"``) the pools use on this client's loop."""
+
+        async def pick() -> TransportName:
+            return self._async.transport()
+
+        return self._run(pick)
 
     @property
     def catalog(self) -> Catalog:
@@ -340,6 +367,10 @@ class Cortex:
         return self._async.random_llm_params(model, seed=seed)
 
 
+async def _set(event: anyio.Event) -> None:
+    event.set()
+
+
 class _End:
     """Marks the end of the events (``error`` set when the stream raised)."""
 
@@ -371,10 +402,18 @@ class Stream:
         self, portal: BlockingPortal, opener: Callable[[], Awaitable[AsyncStream]]
     ) -> None:
         self._portal = portal
-        # Events cross from the loop thread to the caller's thread through a
-        # SimpleQueue: put() never blocks the loop, get() blocks only the caller.
-        self._queue: queue.SimpleQueue[StreamEvent | _End] = queue.SimpleQueue()
-        self._taken = 0
+        # Events cross from the loop thread to the caller's thread in batches, through a
+        # SimpleQueue: put() never blocks the loop, get() blocks only the caller. A batch
+        # holds every event whose data had already arrived, so a fast answer costs one
+        # thread hop per network read, not one per token.
+        self._queue: queue.SimpleQueue[list[StreamEvent] | _End] = queue.SimpleQueue()
+        self._batch: list[StreamEvent] = []
+        self._next = 0
+        # Read-ahead bookkeeping, shared by both threads under _lock: the loop waits on
+        # _room (an anyio.Event it made) once _ahead events sit unread.
+        self._lock = threading.Lock()
+        self._ahead = 0
+        self._room: anyio.Event | None = None
         self._finished = False
         self._end: _End | None = None
         self._scope: anyio.CancelScope | None = None
@@ -394,6 +433,7 @@ class Stream:
         self, opener: Callable[[], Awaitable[AsyncStream]], started: Future[AsyncStream]
     ) -> None:
         put = self._queue.put
+        lock = self._lock
         end = _End()
         stream: AsyncStream | None = None
         scope = self._scope = anyio.CancelScope()
@@ -409,15 +449,20 @@ class Stream:
                     return
                 async with stream:
                     started.set_result(stream)
-                    produced = 0
+                    take = stream._take  # pyright: ignore[reportPrivateUsage]
                     async for event in stream:
-                        put(event)
-                        produced += 1
-                        # Read ahead at most _BATCH events of a slow consumer.
-                        # A short poll: it costs nothing while the consumer keeps up,
-                        # and waking the loop from the consumer's thread would.
-                        while produced - self._taken > _BATCH:  # noqa: ASYNC110
-                            await anyio.sleep(0.001)
+                        batch = [event]
+                        take(batch)
+                        put(batch)
+                        with lock:
+                            self._ahead += len(batch)
+                            room = None
+                            if self._ahead > _BATCH:
+                                room = self._room = anyio.Event()
+                        # Read ahead at most _BATCH events of a slow consumer; it sets
+                        # the event once it has caught up.
+                        if room is not None:
+                            await room.wait()
         except anyio.get_cancelled_exc_class():
             # Not our own close(): the loop is shutting down under a reader.
             end = _End(_closed_error(stream))
@@ -444,6 +489,11 @@ class Stream:
     def __next__(self) -> StreamEvent:
         if self._finished:
             raise StopIteration
+        batch = self._batch
+        if self._next < len(batch):
+            event = batch[self._next]
+            self._next += 1
+            return event
         try:
             item = self._queue.get()
         except BaseException:
@@ -456,8 +506,21 @@ class Stream:
             if item.error is not None:
                 raise item.error
             raise StopIteration
-        self._taken += 1
-        return item
+        self._caught_up(len(item))
+        self._batch = item
+        self._next = 1
+        return item[0]
+
+    def _caught_up(self, taken: int) -> None:
+        """Count ``taken`` events as read; wake the pump if it waits for room."""
+        with self._lock:
+            self._ahead -= taken
+            room = self._room
+            if room is None or self._ahead > _BATCH // 2:
+                return
+            self._room = None
+        with contextlib.suppress(RuntimeError):  # the loop is gone
+            self._portal.start_task_soon(_set, room)
 
     def _wait_pump(self) -> None:
         with contextlib.suppress(CancelledError):

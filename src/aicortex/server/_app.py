@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from .._client import AsyncCortex
 from .._config import Timeout
+from .._pools import HttpChoice, connection_limits, http_choice
 from .._protocol import model_key
 from ._auth import KeyChecker, load_keys
 from ._errors import ProxyError
@@ -51,10 +52,16 @@ class CortexHandle:
         cortex: AsyncCortex | None,
         servers: Sequence[str] | str | None = None,
         timeout: Timeout | None = None,
+        http: HttpChoice | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self._cortex = cortex
         self._servers = servers
         self._timeout = timeout
+        # Checked now, so that a bad setting fails at start rather than on a first request.
+        self._http: HttpChoice = http_choice(http)
+        connection_limits(None, max_connections)
+        self._max_connections = max_connections
         self.owned = cortex is None
 
     @property
@@ -65,7 +72,11 @@ class CortexHandle:
         if cortex is None:
             # Servers named explicitly are the whole fleet; otherwise the usual defaults.
             self._cortex = cortex = AsyncCortex(
-                self._servers, fallback=not self._servers, timeout=self._timeout
+                self._servers,
+                fallback=not self._servers,
+                timeout=self._timeout,
+                http=self._http,
+                max_connections=self._max_connections,
             )
         return cortex
 
@@ -227,6 +238,8 @@ def create_app(
     api_keys: Iterable[str] | None = None,
     api_key_file: str | os.PathLike[str] | None = None,
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    http: HttpChoice | None = None,
+    max_connections: int | None = None,
 ) -> Starlette:
     """An OpenAI-compatible ASGI app in front of one or many Ollama servers.
 
@@ -241,6 +254,7 @@ def create_app(
     ``api_keys`` (else the lines of ``api_key_file``, else ``AICORTEX_API_KEYS``,
     comma-separated): when any key is set, every route but ``/health`` needs
     ``Authorization: Bearer <key>``. ``max_body_size``: larger bodies get 413.
+    ``http`` and ``max_connections`` go to the ``AsyncCortex`` the app creates.
 
     Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
     created when the server shuts down (ASGI lifespan). Mounted in another app, it
@@ -262,9 +276,13 @@ def create_app(
             f"max_body_size must be a positive number of bytes, not {max_body_size!r}."
         )
     keys = KeyChecker(load_keys(api_keys, api_key_file))
-    if cortex is not None and (servers is not None or timeout is not None):
-        raise ValueError("Pass servers= and timeout= to the AsyncCortex, not to create_app().")
-    handle = CortexHandle(cortex, servers, timeout)
+    own = (servers, timeout, http, max_connections)
+    if cortex is not None and any(option is not None for option in own):
+        raise ValueError(
+            "Pass servers=, timeout=, http= and max_connections= to the AsyncCortex, "
+            "not to create_app()."
+        )
+    handle = CortexHandle(cortex, servers, timeout, http, max_connections)
     started = int(time.time())
     models = _Models(handle, max_body_size, started)
 

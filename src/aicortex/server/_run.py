@@ -25,11 +25,14 @@ def serve(
     *,
     max_body_size: int | None = None,
     log_level: str = "info",
+    http: str | None = None,
+    max_connections: int | None = None,
 ) -> None:
     """Serve the OpenAI-compatible proxy with uvicorn until interrupted (Ctrl-C).
 
     Binds to 127.0.0.1 unless told otherwise: put the proxy on a public address only
-    with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``).
+    with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``http`` and
+    ``max_connections`` are :class:`~aicortex.AsyncCortex`'s.
     """
     try:
         import uvicorn
@@ -37,12 +40,15 @@ def serve(
         raise SystemExit(
             "aicortex serve needs the server extra: pip install 'aicortex-core[server]'"
         ) from None
+    from .._pools import http_choice
     from ._app import DEFAULT_MAX_BODY_SIZE, create_app
 
     app = create_app(
         servers=list(servers) if servers else None,
         api_key_file=api_key_file,
         max_body_size=DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size,
+        http=http_choice(http),
+        max_connections=max_connections,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
 
@@ -78,6 +84,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted (default: 10 MiB)",
     )
     parser.add_argument(
+        "--http",
+        choices=["auto", "httpx", "aiohttp"],
+        help="HTTP transport to the servers (default: AICORTEX_HTTP, else auto: "
+        "httpx-aiohttp on asyncio when installed, else httpx)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="most requests in flight to each server; more wait for a free connection "
+        "(default: 1000)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -100,6 +119,8 @@ def run_serve(args: argparse.Namespace) -> int:
             api_key_file=args.api_key_file,
             max_body_size=getattr(args, "max_body_size", None),
             log_level=getattr(args, "log_level", "info"),
+            http=getattr(args, "http", None),
+            max_connections=getattr(args, "max_connections", None),
         )
     except (ValidationError, ValueError) as exc:
         print(f"aicortex serve: {exc}", file=sys.stderr)
