@@ -179,13 +179,6 @@ class Pool:
         self.limit = limit
         self.slots = None if limit is None else anyio.Semaphore(limit)
 
-    @property
-    def in_flight(self) -> int:
-        """Chats holding a slot now."""
-        if self.slots is None or self.limit is None:
-            return 0
-        return self.limit - self.slots.value
-
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.probes.aclose()
