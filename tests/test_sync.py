@@ -34,6 +34,7 @@ from fakeollama import (
     Script,
     cut_after,
     delayed,
+    ndjson_lines,
     refused_url,
     reply,
     stall_after,
@@ -204,6 +205,25 @@ def test_leaving_a_stream_early_disconnects_from_the_server_at_once(
     assert server.wait_for_disconnect(2.0)
     assert time.monotonic() - left < 1.0
     assert client.chat("hi", model=MODEL) == "again"  # the Cortex is still usable
+
+
+def test_close_inside_the_loop_ends_it_even_with_events_already_received(
+    fake_ollama: FakeOllamaFactory, cortex: CortexFactory
+) -> None:
+    """Events arrive in batches; close() in the loop's body still ends the loop at once."""
+    line = b'{"message": {"role": "assistant", "content": "t"}, "done": false}\n'
+    server = fake_ollama(chat=ndjson_lines([line * 2000]))  # one chunk: one large batch
+    stream = cortex(server.url).chat("hi", model=MODEL, stream=True)
+    after_close: list[StreamEvent] = []
+    closed = False
+    for event in stream:
+        if closed:
+            after_close.append(event)
+        elif event.type is EventType.TOKEN:
+            stream.close()
+            closed = True
+    assert closed
+    assert after_close == []
 
 
 # -- failover and errors ------------------------------------------------------------------

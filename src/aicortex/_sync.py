@@ -36,7 +36,7 @@ __all__ = ["Cortex", "Stream"]
 
 T = TypeVar("T")
 
-_BATCH = 512  # events the loop may read ahead of a blocking consumer
+_BATCH = 8192  # events the loop may read ahead of a blocking consumer
 
 
 class _PortalThread:
@@ -477,23 +477,36 @@ class Stream:
 
     def __iter__(self) -> Iterator[StreamEvent]:
         try:
-            while True:
-                try:
-                    yield self.__next__()
-                except StopIteration:
-                    return
+            while (batch := self._rest()) is not None:
+                for event in batch:
+                    if self._finished:  # closed by the loop's body
+                        return
+                    yield event
         finally:
             if not self._finished:
                 self.close()
 
     def __next__(self) -> StreamEvent:
-        if self._finished:
-            raise StopIteration
         batch = self._batch
-        if self._next < len(batch):
+        if self._next < len(batch) and not self._finished:
             event = batch[self._next]
             self._next += 1
             return event
+        rest = self._rest()
+        if rest is None:
+            raise StopIteration
+        self._batch, self._next = rest, 1
+        return rest[0]
+
+    def _rest(self) -> list[StreamEvent] | None:
+        """The events not yet handed out: the rest of the current batch, else the next
+        batch (waiting for it); None at the end, or raises the stream's error."""
+        if self._finished:
+            return None
+        batch, taken = self._batch, self._next
+        if taken < len(batch):
+            self._next = len(batch)
+            return batch[taken:]
         try:
             item = self._queue.get()
         except BaseException:
@@ -505,11 +518,10 @@ class Stream:
             self._wait_pump()
             if item.error is not None:
                 raise item.error
-            raise StopIteration
+            return None
         self._caught_up(len(item))
-        self._batch = item
-        self._next = 1
-        return item[0]
+        self._batch, self._next = item, len(item)
+        return item
 
     def _caught_up(self, taken: int) -> None:
         """Count ``taken`` events as read; wake the pump if it waits for room."""
