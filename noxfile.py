@@ -85,9 +85,19 @@ print("wheel OK:", aicortex.__version__, len(aicortex.models()), "models in", fa
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Client and proxy benchmarks, next to plain httpx, ollama-python and LiteLLM's proxy."""
+    """Client and proxy benchmarks, next to plain httpx, httpx-aiohttp, ollama-python, LiteLLM's
+    proxy and the proxy of commit 60dc620 (the last one with aicortex's own HTTP/1.1 transport)."""
     install_project(session)
-    session.install("ollama")
+    session.install("ollama", "httpx-aiohttp")
+    # The old code for bench_proxy.py's paced scenario: its src/, and the catalog it reads.
+    baseline_commit = "60dc620"
+    baseline = pathlib.Path(session.create_tmp()) / f"baseline-{baseline_commit}"
+    shutil.rmtree(baseline, ignore_errors=True)
+    baseline.mkdir(parents=True)
+    archive = baseline.with_suffix(".tar")
+    git_archive = ["git", "-C", str(ROOT), "archive", "--output", str(archive), baseline_commit]
+    session.run(*git_archive, "src", "metadata", external=True)
+    session.run("tar", "-x", "-f", str(archive), "-C", str(baseline), external=True)
     session.run("python", "tests/benchmarks/bench_stream.py")
     # LiteLLM lives in a venv of its own so its pins cannot change what is measured.
     litellm_venv = pathlib.Path(session.virtualenv.location).parent / "bench-litellm"
@@ -104,5 +114,10 @@ def bench(session: nox.Session) -> None:
             external=True,
         )
     session.run(
-        "python", "tests/benchmarks/bench_proxy.py", "--litellm", str(litellm_bin / "litellm")
+        "python",
+        "tests/benchmarks/bench_proxy.py",
+        "--litellm",
+        str(litellm_bin / "litellm"),
+        "--baseline-src",
+        str(baseline),
     )
