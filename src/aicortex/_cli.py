@@ -29,7 +29,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from ._exceptions import (
     AICortexError,
@@ -244,7 +244,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     servers = server_list(args.server)
     printed = ""
-    with Cortex(servers or None, model=args.model, fallback=not servers) as cortex:
+    with Cortex(
+        servers or None, model=args.model, fallback=not servers, http=_one_shot_http()
+    ) as cortex:
         stream = cortex.chat(prompt, stream=True, system=args.system)
         with stream:
             if args.verbose:
@@ -284,6 +286,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _one_shot_http() -> Literal["httpx"] | None:
+    """The transport of a command that sends a few requests: httpx's own, unless
+    ``AICORTEX_HTTP`` says otherwise. Importing aiohttp would cost a one-shot command
+    more time than its faster reading saves."""
+    return None if os.environ.get("AICORTEX_HTTP", "").strip() else "httpx"
+
+
 def _stats_json(stats: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -319,7 +328,9 @@ def cmd_servers(args: argparse.Namespace) -> int:
 
     async def probe() -> tuple[list[ServerInfo], list[str]]:
         timeout = Timeout(probe=args.timeout)
-        async with AsyncCortex(servers or None, fallback=not servers, timeout=timeout) as cortex:
+        async with AsyncCortex(
+            servers or None, fallback=not servers, timeout=timeout, http=_one_shot_http()
+        ) as cortex:
             if args.verbose:
                 _err(f"{PROG}: HTTP transport: {cortex.transport()} (http={cortex.http})")
             infos = await cortex.probe_servers(model)
