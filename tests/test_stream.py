@@ -200,6 +200,21 @@ async def test_an_idle_gap_longer_than_the_limit_fails_the_stream(
     assert cause.phase == "idle"
 
 
+async def test_a_slow_reader_is_not_an_idle_server(fake_ollama: FakeOllamaFactory) -> None:
+    """The idle limit counts only time spent waiting for the server: a caller that
+    pauses longer than it between events still gets the whole answer."""
+    server = fake_ollama(chat=reply(["a", "b", "c"]))
+    timeout = Timeout(connect=1.0, first_token=5.0, idle=0.3, probe=0.5)
+    async with cortex(server.url, timeout=timeout) as client:
+        stream = await client.chat("hi", model=MODEL, stream=True)
+        texts: list[str] = []
+        async for event in stream:
+            if event.type is EventType.TOKEN:
+                texts.append(event.content or "")
+                await anyio.sleep(0.5)
+    assert "".join(texts) == "abc"
+
+
 async def test_a_failed_stream_marks_its_server_down(fake_ollama: FakeOllamaFactory) -> None:
     """The next call goes to another server without waiting for the next probe."""
     flaky = fake_ollama(chat=[cut_after(["x", "y"], 1), reply("fine")])

@@ -13,6 +13,7 @@ from pydantic_core import from_json
 
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import CortexTimeoutError, StreamError
+from ._idle import IdleWatch
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
 
 __all__ = ["AsyncStream", "StartFailed"]
@@ -87,7 +88,10 @@ class AsyncStream:
         self._deadline = deadline
         self._total = total
         self._idle = idle
-        self._limited = deadline is not None or idle is not None
+        # The caller's deadline takes a cancel scope per read (for both limits); the
+        # idle limit alone takes one loop timer per stream (asyncio: aiohttp pools).
+        self._limited = deadline is not None
+        self._watch = IdleWatch(idle) if idle is not None and deadline is None else None
         self._on_failure = on_failure
         self._on_release = on_release
         self._lines: list[bytes] = []
@@ -256,7 +260,9 @@ class AsyncStream:
     async def _read(self) -> bool:
         """Read the next network chunk into ``_lines``; False at the end of the body."""
         try:
-            if not self._limited:
+            if self._watch is not None:
+                chunk = await self._read_watched(self._watch)
+            elif not self._limited:
                 chunk = await self._chunks.__anext__()
             else:
                 chunk = await self._read_limited()
@@ -285,6 +291,18 @@ class AsyncStream:
         self._lines = lines
         self._pos = 0
         return True
+
+    async def _read_watched(self, watch: IdleWatch) -> bytes:
+        """The next chunk, or :class:`_IdleExpired` once the read waited ``idle`` s."""
+        watch.start()
+        try:
+            return await self._chunks.__anext__()
+        except anyio.get_cancelled_exc_class():
+            if watch.expired():
+                raise _IdleExpired from None
+            raise
+        finally:
+            watch.stop()
 
     async def _read_limited(self) -> bytes:
         """The next chunk within the caller's deadline and the idle limit, whichever
@@ -442,6 +460,8 @@ class AsyncStream:
         if self._released:
             return
         self._released = True
+        if self._watch is not None:
+            self._watch.close()
         try:
             with anyio.CancelScope(shield=True):
                 if drain:
