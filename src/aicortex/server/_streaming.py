@@ -31,9 +31,6 @@ _T = TypeVar("_T")
 
 _TOKEN = EventType.TOKEN
 _END = EventType.END
-# Text waiting for a slow client is merged into one frame; past this many pieces the
-# upstream is not read until the client catches up.
-_BACKLOG = 4096
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -169,11 +166,12 @@ async def collect(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
 class SSEResponse:
     """An ASGI response that streams ``chat.completion.chunk`` frames out of a stream.
 
-    A reader task turns events into frames; the writer sends whatever has piled up
-    in one write, merging consecutive text, so a client slower than the model gets
-    fewer, larger chunks instead of a growing queue. A failure after the first
-    token ends the stream with an error frame and no ``[DONE]``. The upstream
-    stream is closed however this ends.
+    One task reads and writes: each write carries every event that had already
+    arrived, with consecutive text merged into one frame, so a client slower than the
+    model gets fewer, larger chunks, and while a write waits for the client the
+    upstream is not read (its server is held back rather than buffered for). A
+    failure after the first token ends the stream with an error frame and no
+    ``[DONE]``. The upstream stream is closed however this ends.
     """
 
     def __init__(
@@ -190,72 +188,51 @@ class SSEResponse:
         self._headers = list(headers)
         self._include_usage = include_usage
         self._request_id = request_id
-        # Pending output: frames (bytes) and runs of text still to be merged (list[str]).
-        self._items: list[bytes | list[str]] = [writer.role()]
-        self._pending = 0
-        self._finished = False
-        self._wake: anyio.Event | None = None
-        self._room: anyio.Event | None = None
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-            async with anyio.create_task_group() as tg:
-
-                async def watch() -> None:
-                    await _wait_for_disconnect(receive)
-                    logger.info(
-                        "[%s] the client went away; closing the upstream stream",
-                        self._request_id,
-                        extra={"request_id": self._request_id},
-                    )
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                tg.start_soon(self._read)
-                await self._write(send)
-                tg.cancel_scope.cancel()
+            if await unless_disconnected(receive, lambda: self._relay(send)) is None:
+                logger.info(
+                    "[%s] the client went away; closing the upstream stream",
+                    self._request_id,
+                    extra={"request_id": self._request_id},
+                )
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stream.aclose()
 
-    # -- reader ----------------------------------------------------------------------
-
-    def _put(self, item: bytes | str) -> None:
-        items = self._items
-        if isinstance(item, str):
-            if items and isinstance(last := items[-1], list):
-                last.append(item)
-            else:
-                items.append([item])
-        else:
-            items.append(item)
-        self._pending += 1
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
-
-    async def _read(self) -> None:
+    async def _relay(self, send: Send) -> None:
         writer = self._writer
-        put = self._put
+        text = writer.text
+        stream = self._stream
+        take = stream._take  # pyright: ignore[reportPrivateUsage]
+        out: list[bytes] = [writer.role()]
         try:
-            async for event in self._stream:
-                if event.type is _TOKEN:
-                    if event.thinking is None and not event.tool_calls:
-                        put(event.content or "")
-                    else:
-                        put(writer.delta(event.content, event.thinking, event.tool_calls))
-                    if self._pending >= _BACKLOG:
-                        self._room = room = anyio.Event()
-                        await room.wait()
-                elif event.type is _END:
-                    put(writer.finish(event.done_reason))
-                    if self._include_usage:
-                        put(writer.usage(event.stats))
-                    put(DONE)
+            async for event in stream:
+                events = [event]
+                take(events)
+                run: list[str] = []  # consecutive plain text, merged into one frame
+                for event in events:
+                    if event.type is _TOKEN and event.thinking is None and not event.tool_calls:
+                        run.append(event.content or "")
+                        continue
+                    if run:
+                        out.append(text("".join(run)))
+                        run = []
+                    if event.type is _TOKEN:
+                        out.append(writer.delta(event.content, event.thinking, event.tool_calls))
+                    elif event.type is _END:
+                        out.append(writer.finish(event.done_reason))
+                        if self._include_usage:
+                            out.append(writer.usage(event.stats))
+                        out.append(DONE)
+                if run:
+                    out.append(text("".join(run)))
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                out = []
         except StreamError as exc:
-            put(frame(error_body(str(exc), API_ERROR, None, "upstream_error")))
+            out.append(frame(error_body(str(exc), API_ERROR, None, "upstream_error")))
         except Exception as exc:
             logger.exception(
                 "[%s] the stream failed unexpectedly",
@@ -263,28 +240,5 @@ class SSEResponse:
                 extra={"request_id": self._request_id},
             )
             message = f"The proxy failed while streaming ({type(exc).__name__})."
-            put(frame(error_body(message, API_ERROR, None, "internal_error")))
-        finally:
-            self._finished = True
-            self._put(b"")
-
-    # -- writer ----------------------------------------------------------------------
-
-    async def _write(self, send: Send) -> None:
-        text = self._writer.text
-        while True:
-            if not self._items:
-                if self._finished:
-                    break
-                self._wake = wake = anyio.Event()
-                await wake.wait()
-                continue
-            items, self._items, self._pending = self._items, [], 0
-            room = self._room
-            if room is not None:
-                self._room = None
-                room.set()
-            body = b"".join([i if isinstance(i, bytes) else text("".join(i)) for i in items])
-            if body:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            out.append(frame(error_body(message, API_ERROR, None, "internal_error")))
+        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
