@@ -57,6 +57,7 @@ from typing import Any
 import anyio
 import httpx
 import openai
+from _wire import chat_lines, chunked, in_64k_chunks, line, read_request, serve, stream_tokens
 
 MODEL = "bench:latest"
 STREAM_MODEL = "bench-stream:latest"  # one HTTP chunk per NDJSON line, as Ollama writes
@@ -71,59 +72,6 @@ MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "Say hi."}]
 
 
 # --- the fake upstream -----------------------------------------------------------------
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
-def _chunked(pieces: list[bytes]) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-
-
-def _lines(model: str, tokens: list[str]) -> list[bytes]:
-    created = "2025-01-01T00:00:00.000000Z"
-    lines = [
-        _line(
-            {
-                "model": model,
-                "created_at": created,
-                "message": {"role": "assistant", "content": token},
-                "done": False,
-            }
-        )
-        for token in tokens
-    ]
-    lines.append(
-        _line(
-            {
-                "model": model,
-                "created_at": created,
-                "message": {"role": "assistant", "content": ""},
-                "done": True,
-                "done_reason": "stop",
-                "prompt_eval_count": 8,
-                "eval_count": len(tokens),
-                "eval_duration": 1_000_000,
-            }
-        )
-    )
-    return lines
-
-
-def _answer(model: str, tokens: list[str]) -> bytes:
-    """NDJSON with one HTTP chunk per line, the way Ollama flushes every token."""
-    return _chunked(_lines(model, tokens))
-
-
-def _bulk_answer(model: str, tokens: list[str]) -> bytes:
-    """The same NDJSON lines in 64 KiB HTTP chunks."""
-    data = b"".join(_lines(model, tokens))
-    return _chunked([data[i : i + 65536] for i in range(0, len(data), 65536)])
-
-
-def stream_tokens(count: int) -> list[str]:
-    return [f" tok{i % 100}" for i in range(count)]
 
 
 def _serve_upstream(port_out: Any, tokens: int) -> None:
@@ -143,20 +91,20 @@ def _serve_upstream(port_out: Any, tokens: int) -> None:
 
     def single(model: str, tokens: list[str]) -> bytes:
         """The answer to ``"stream": false``: one JSON object."""
-        lines = [json.loads(line) for line in _lines(model, tokens)]
+        lines = [json.loads(line) for line in chat_lines(model, tokens)]
         final = lines[-1]
         final["message"]["content"] = "".join(tokens)
         return plain(json.dumps(final).encode())
 
     answers = {
         # model: (streamed, single)
-        MODEL: (head + _answer(MODEL, ["Hi", "!"]), single(MODEL, ["Hi", "!"])),
+        MODEL: (head + chunked(chat_lines(MODEL, ["Hi", "!"])), single(MODEL, ["Hi", "!"])),
         STREAM_MODEL: (
-            head + _answer(STREAM_MODEL, stream_tokens(tokens)),
+            head + chunked(chat_lines(STREAM_MODEL, stream_tokens(tokens))),
             single(STREAM_MODEL, stream_tokens(tokens)),
         ),
         BULK_MODEL: (
-            head + _bulk_answer(BULK_MODEL, stream_tokens(tokens)),
+            head + in_64k_chunks(b"".join(chat_lines(BULK_MODEL, stream_tokens(tokens)))),
             single(BULK_MODEL, stream_tokens(tokens)),
         ),
     }
@@ -184,14 +132,7 @@ def _serve_upstream(port_out: Any, tokens: int) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head_bytes = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head_bytes.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                body = await reader.readexactly(length) if length else b""
-                path = head_bytes.split(b" ", 2)[1]
+                path, body = await read_request(reader)
                 if path == b"/api/chat":
                     request = json.loads(body)
                     streamed, whole = answers.get(request.get("model"), answers[MODEL])
@@ -210,13 +151,7 @@ def _serve_upstream(port_out: Any, tokens: int) -> None:
         finally:
             writer.close()
 
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-        port_out.put(server.sockets[0].getsockname()[1])
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
+    serve(handle, port_out, backlog=1024)
 
 
 # --- the proxy ---------------------------------------------------------------------------
@@ -482,8 +417,8 @@ def _serve_paced(port_out: Any, rate: float) -> None:
     created = "2025-01-01T00:00:00.000000Z"
 
     def chunk(obj: dict[str, Any]) -> bytes:
-        line = _line(obj)
-        return b"%x\r\n%s\r\n" % (len(line), line)
+        data = line(obj)
+        return b"%x\r\n%s\r\n" % (len(data), data)
 
     tokens = [
         chunk(
@@ -525,14 +460,7 @@ def _serve_paced(port_out: Any, rate: float) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head_bytes = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head_bytes.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                body = await reader.readexactly(length) if length else b""
-                path = head_bytes.split(b" ", 2)[1].split(b"?", 1)[0]
+                path, body = await read_request(reader)
                 if path != b"/api/chat":
                     writer.write(fixed.get(path, fixed[b"/api/version"]))
                     await writer.drain()
@@ -552,13 +480,7 @@ def _serve_paced(port_out: Any, rate: float) -> None:
         finally:
             writer.close()
 
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=2048)
-        port_out.put(server.sockets[0].getsockname()[1])
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
+    serve(handle, port_out, backlog=2048)
 
 
 # What the ``aicortex`` console script does, after printing which aicortex it imported.

@@ -39,6 +39,7 @@ from typing import Any
 
 import anyio
 import httpx
+from _wire import chat_lines, chunked, in_64k_chunks, read_request, serve, stream_tokens
 
 import aicortex
 
@@ -52,48 +53,6 @@ MIN_REPEATS = 3
 
 
 # --- the fake Ollama ---------------------------------------------------------------------
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
-def _lines(model: str, tokens: list[str]) -> list[bytes]:
-    created = "2025-01-01T00:00:00.000000Z"
-    lines = [
-        _line(
-            {
-                "model": model,
-                "created_at": created,
-                "message": {"role": "assistant", "content": token},
-                "done": False,
-            }
-        )
-        for token in tokens
-    ]
-    lines.append(
-        _line(
-            {
-                "model": model,
-                "created_at": created,
-                "message": {"role": "assistant", "content": ""},
-                "done": True,
-                "done_reason": "stop",
-                "prompt_eval_count": 1,
-                "eval_count": len(tokens),
-                "eval_duration": 1_000_000_000,
-            }
-        )
-    )
-    return lines
-
-
-def _chunked(pieces: list[bytes]) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-
-
-def stream_tokens(count: int) -> list[str]:
-    return [f" tok{i % 100}" for i in range(count)]
 
 
 def _serve(port_out: Any, tokens: int) -> None:
@@ -113,20 +72,19 @@ def _serve(port_out: Any, tokens: int) -> None:
 
     def single(model: str, words: list[str]) -> bytes:
         """The answer to ``"stream": false``: one JSON object."""
-        final = json.loads(_lines(model, words)[-1])
+        final = json.loads(chat_lines(model, words)[-1])
         final["message"]["content"] = "".join(words)
         return plain(json.dumps(final).encode())
 
     long = stream_tokens(tokens)
-    per_token = head + _chunked(_lines(MODEL, long))
-    data = b"".join(_lines(BULK_MODEL, long))
-    bulk = head + _chunked([data[i : i + 65536] for i in range(0, len(data), 65536)])
+    per_token = head + chunked(chat_lines(MODEL, long))
+    bulk = head + in_64k_chunks(b"".join(chat_lines(BULK_MODEL, long)))
     answers = {
         # model: (streamed, single)
         MODEL: (per_token, single(MODEL, long)),
         BULK_MODEL: (bulk, single(BULK_MODEL, long)),
         TINY_MODEL: (
-            head + _chunked(_lines(TINY_MODEL, TINY_TOKENS)),
+            head + chunked(chat_lines(TINY_MODEL, TINY_TOKENS)),
             single(TINY_MODEL, TINY_TOKENS),
         ),
     }
@@ -141,14 +99,7 @@ def _serve(port_out: Any, tokens: int) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                request = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in request.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                body = await reader.readexactly(length) if length else b""
-                path = request.split(b" ", 2)[1].split(b"?", 1)[0]
+                path, body = await read_request(reader)
                 if path == b"/api/chat":
                     chat = json.loads(body)
                     streamed, whole = answers.get(chat.get("model"), answers[MODEL])
@@ -161,13 +112,7 @@ def _serve(port_out: Any, tokens: int) -> None:
         finally:
             writer.close()
 
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=128)
-        port_out.put(server.sockets[0].getsockname()[1])
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
+    serve(handle, port_out, backlog=128)
 
 
 # --- the clients: each returns the number of tokens it read ------------------------------
