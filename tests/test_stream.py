@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from aicortex import (
     AsyncCortex,
     CortexTimeoutError,
     EventType,
+    ServerError,
     StreamError,
     StreamEvent,
     Timeout,
     ToolCall,
+    ValidationError,
 )
 from fakeollama import (
     FakeOllamaFactory,
@@ -213,6 +216,68 @@ async def test_a_slow_reader_is_not_an_idle_server(fake_ollama: FakeOllamaFactor
                 texts.append(event.content or "")
                 await anyio.sleep(0.5)
     assert "".join(texts) == "abc"
+
+
+def _token_line(content: str, *, done: bool = False) -> bytes:
+    message = {"role": "assistant", "content": content}
+    return json.dumps({"model": MODEL, "message": message, "done": done}).encode() + b"\n"
+
+
+_HUGE = 50 * 1024 * 1024  # a 50 MB line
+
+
+async def test_a_line_over_the_limit_before_the_first_token_moves_on(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """A 50 MB line is refused once 8 MiB of it has arrived, in linear time and without
+    holding the rest; before the first token, the next server answers instead."""
+    huge = fake_ollama(chat=ndjson_lines([b"x" * _HUGE]))
+    good = fake_ollama(chat=reply("fine"))
+    started = time.monotonic()
+    async with cortex(huge.url) as client:
+        with pytest.raises(ServerError, match="a line longer than 8,388,608 bytes"):
+            await client.chat("hi", model=MODEL)
+    async with cortex(huge.url, good.url) as client:
+        assert await client.chat("hi", model=MODEL) == "fine"
+    assert time.monotonic() - started < 5.0
+
+
+async def test_a_line_over_the_limit_after_the_first_token_breaks_the_stream(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """After the first token a long line ends the stream with StreamError; the limit
+    is max_line_size."""
+    long_line = _token_line("y" * 5000)
+    server = fake_ollama(chat=ndjson_lines([_token_line("a"), long_line]))
+    client = AsyncCortex([server.url], timeout=QUICK, fallback=False, max_line_size=4096)
+    async with client:
+        stream = await client.chat("hi", model=MODEL, stream=True)
+        with pytest.raises(StreamError, match="longer than 4,096 bytes") as info:
+            await stream.text()
+    assert info.value.partial_text == "a"
+
+
+def test_the_line_limit_must_be_a_positive_size() -> None:
+    """A limit that is not a whole number of bytes >= 1 is refused by name."""
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValidationError, match="max_line_size must be a whole number"):
+            AsyncCortex(max_line_size=bad)  # type: ignore[arg-type]
+
+
+async def test_a_long_line_within_the_limit_is_read_in_linear_time(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """A 40 MB token (one line over thousands of network reads) decodes in well under
+    the seconds that re-copying the growing line at every read would take."""
+    content = "z" * (40 * 1024 * 1024)
+    server = fake_ollama(chat=ndjson_lines([_token_line(content), _token_line("", done=True)]))
+    client = AsyncCortex(
+        [server.url], timeout=Timeout(probe=1.0), fallback=False, max_line_size=64 << 20
+    )
+    started = time.monotonic()
+    async with client:
+        assert len(await client.chat("hi", model=MODEL)) == len(content)
+    assert time.monotonic() - started < 3.0
 
 
 async def test_a_failed_stream_marks_its_server_down(fake_ollama: FakeOllamaFactory) -> None:

@@ -41,7 +41,7 @@ from ._protocol import (
     encode_body,
 )
 from ._router import Router, describe_error, idle_enforced, request_timeouts
-from ._stream import AsyncStream, StartFailed
+from ._stream import DEFAULT_MAX_LINE, AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
 
 __all__ = ["ApiRequest", "AsyncCortex", "whole_answer"]
@@ -101,6 +101,8 @@ class AsyncCortex:
     ``"aiohttp"`` force one. ``max_connections`` (default 1,000), or a whole
     ``httpx.Limits`` as ``limits``, bounds the requests in flight to each server;
     a chat past it waits for a free connection within its first-token limit.
+    ``max_line_size`` (default 8 MiB) is the longest NDJSON line accepted: a longer
+    one fails the answer (before the first token, the next server is tried).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class AsyncCortex:
         http: HttpChoice | None = None,
         limits: httpx.Limits | None = None,
         max_connections: int | None = None,
+        max_line_size: int = DEFAULT_MAX_LINE,
     ) -> None:
         configured = _as_list(servers) or env_servers()
         self._servers = unique(normalize_host(s) for s in configured)
@@ -128,6 +131,12 @@ class AsyncCortex:
             raise ValidationError(
                 f"health_ttl must be a number of seconds >= 0, not {health_ttl!r}."
             )
+        size = cast(object, max_line_size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValidationError(
+                f"max_line_size must be a whole number of bytes >= 1, not {max_line_size!r}."
+            )
+        self._max_line = max_line_size
         self._fallback = fallback
         self._catalog = catalog
         all_headers = dict(headers or {})
@@ -462,6 +471,7 @@ class AsyncCortex:
                     idle=None if idle_enforced(t, kind) else t.idle,
                     on_failure=router.mark_down,
                     on_release=None if slots is None else slots.release,
+                    max_line=self._max_line,
                 )
                 holding = False  # from now on the stream gives the slot back
                 await stream._prime()  # pyright: ignore[reportPrivateUsage]

@@ -16,7 +16,10 @@ from ._exceptions import CortexTimeoutError, StreamError
 from ._idle import IdleWatch
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
 
-__all__ = ["AsyncStream", "StartFailed"]
+__all__ = ["DEFAULT_MAX_LINE", "AsyncStream", "StartFailed"]
+
+DEFAULT_MAX_LINE = 8 * 1024 * 1024
+"""The longest NDJSON line a stream accepts, in bytes."""
 
 _TOKEN = EventType.TOKEN
 
@@ -69,6 +72,7 @@ class AsyncStream:
         idle: float | None = None,
         on_failure: Callable[[str, str], None] | None = None,
         on_release: Callable[[], None] | None = None,
+        max_line: int = DEFAULT_MAX_LINE,
     ) -> None:
         # deadline: the caller's total limit, checked at every read; idle: a gap limit
         # the transport does not enforce itself, so this stream does, per read.
@@ -96,7 +100,11 @@ class AsyncStream:
         self._on_release = on_release
         self._lines: list[bytes] = []
         self._pos = 0
-        self._tail = b""
+        # The start of a line still being received, in pieces (joined once, when its
+        # end arrives: a long line costs time linear in its length).
+        self._tail: list[bytes] = []
+        self._tail_size = 0
+        self._max_line = max_line
         self._parts: list[str] = []
         self._thinking: list[str] = []
         self._tool_calls: list[ToolCall] = []
@@ -267,8 +275,10 @@ class AsyncStream:
             else:
                 chunk = await self._read_limited()
         except StopAsyncIteration:
-            if self._tail.strip():
-                self._lines, self._pos, self._tail = [self._tail], 0, b""
+            last = b"".join(self._tail)
+            self._tail, self._tail_size = [], 0
+            if last.strip():
+                self._lines, self._pos = [last], 0
                 return True
             return False
         except _TotalExpired:
@@ -286,11 +296,33 @@ class AsyncStream:
             raise _ReadFailed("the connection was cut mid-response") from None
         except httpx.HTTPError as exc:
             raise _ReadFailed(f"the connection failed ({type(exc).__name__}: {exc})") from None
-        lines = (self._tail + chunk).split(b"\n")
-        self._tail = lines.pop()
+        end = chunk.rfind(b"\n")
+        if end < 0:  # still inside one line
+            self._tail.append(chunk)
+            self._tail_size += len(chunk)
+            if self._tail_size > self._max_line:
+                raise _ReadFailed(self._line_too_long())
+            self._lines, self._pos = [], 0
+            return True
+        if self._tail:
+            lines = (b"".join(self._tail) + chunk[:end]).split(b"\n")
+            if len(lines[0]) > self._max_line:
+                raise _ReadFailed(self._line_too_long())
+        else:
+            lines = chunk[:end].split(b"\n")
+        if end > self._max_line and any(len(line) > self._max_line for line in lines):
+            raise _ReadFailed(self._line_too_long())
+        rest = chunk[end + 1 :]
+        self._tail, self._tail_size = ([rest], len(rest)) if rest else ([], 0)
         self._lines = lines
         self._pos = 0
         return True
+
+    def _line_too_long(self) -> str:
+        return (
+            f"the server sent a line longer than {self._max_line:,} bytes "
+            "(AsyncCortex(max_line_size=...) sets the limit)"
+        )
 
     async def _read_watched(self, watch: IdleWatch) -> bytes:
         """The next chunk, or :class:`_IdleExpired` once the read waited ``idle`` s."""

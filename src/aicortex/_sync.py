@@ -30,7 +30,7 @@ from ._events import Stats, StreamEvent, ToolCall
 from ._exceptions import StreamError
 from ._health import ServerInfo
 from ._pools import HttpChoice, TransportName
-from ._stream import AsyncStream
+from ._stream import DEFAULT_MAX_LINE, AsyncStream
 
 __all__ = ["Cortex", "Stream"]
 
@@ -72,8 +72,8 @@ class Cortex:
 
     Safe to share between threads; use it as a context manager or call
     :meth:`close`. ``backend`` picks the event loop that runs it in the background
-    (``"asyncio"`` or ``"trio"``); ``http``, ``limits`` and ``max_connections`` are
-    :class:`~aicortex.AsyncCortex`'s::
+    (``"asyncio"`` or ``"trio"``); ``http``, ``limits``, ``max_connections`` and
+    ``max_line_size`` are :class:`~aicortex.AsyncCortex`'s::
 
         with Cortex(servers=["http://gpu-box:11434"]) as cortex:
             print(cortex.chat("Why is the sky blue?", model="llama3.2:3b"))
@@ -93,6 +93,7 @@ class Cortex:
         http: HttpChoice | None = None,
         limits: httpx.Limits | None = None,
         max_connections: int | None = None,
+        max_line_size: int = DEFAULT_MAX_LINE,
     ) -> None:
         self._async = AsyncCortex(
             servers,
@@ -105,6 +106,7 @@ class Cortex:
             http=http,
             limits=limits,
             max_connections=max_connections,
+            max_line_size=max_line_size,
         )
         self._lock = threading.Lock()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
