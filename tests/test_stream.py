@@ -374,6 +374,25 @@ async def test_closing_a_stream_early_disconnects_from_the_server(
         assert await client.chat("hi", model=MODEL) == "again"
 
 
+async def test_a_stream_dropped_unclosed_warns_and_disconnects_at_once(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """An AsyncStream left by `break` and dropped, without aclose() or `async with`,
+    warns like an unclosed file and closes its connection: the server sees the
+    disconnect within a second, and the connection slot is free again."""
+    server = fake_ollama(chat=[reply(["t"] * 200, delay=0.05), reply("next")])
+    client = AsyncCortex([server.url], timeout=QUICK, fallback=False, max_connections=1)
+    async with client:
+        stream = await client.chat("hi", model=MODEL, stream=True)
+        async for event in stream:
+            if event.type is EventType.TOKEN:
+                break
+        with pytest.warns(ResourceWarning, match="unclosed <AsyncStream"):
+            del stream  # no reference cycle: collected at once
+        assert await anyio.to_thread.run_sync(server.wait_for_disconnect, 1.0)
+        assert await client.chat("hi", model=MODEL) == "next"
+
+
 async def test_a_finished_stream_gives_its_connection_back(fake_ollama: FakeOllamaFactory) -> None:
     """Reading a stream to the end leaves the connection reusable by the next call."""
     server = fake_ollama()

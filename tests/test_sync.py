@@ -11,6 +11,7 @@ import asyncio
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -224,6 +225,21 @@ def test_close_inside_the_loop_ends_it_even_with_events_already_received(
             closed = True
     assert closed
     assert after_close == []
+
+
+def test_a_stream_dropped_unclosed_warns_disconnects_and_is_collected(
+    fake_ollama: FakeOllamaFactory, cortex: CortexFactory
+) -> None:
+    """A Stream dropped mid-answer warns like an unclosed file, is garbage-collected,
+    and its connection closes: the server sees the disconnect within a second."""
+    server = fake_ollama(chat=reply(["t"] * 200, delay=0.05))
+    stream = cortex(server.url).chat("hi", model=MODEL, stream=True)
+    assert next(stream).type is EventType.START  # next(), not a for loop that would close it
+    alive = weakref.ref(stream)
+    with pytest.warns(ResourceWarning, match="unclosed <Stream"):
+        del stream  # no reference cycle: collected at once
+    assert alive() is None
+    assert server.wait_for_disconnect(1.0)
 
 
 # -- failover and errors ------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
-from collections.abc import AsyncIterator, Callable
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +26,8 @@ DEFAULT_MAX_LINE = 8 * 1024 * 1024
 """The longest NDJSON line a stream accepts, in bytes."""
 
 _TOKEN = EventType.TOKEN
+
+logger = logging.getLogger("aicortex")
 
 _MORE: Any = object()  # every line read so far is decoded: read more
 
@@ -96,6 +102,7 @@ class AsyncStream:
         # idle limit alone takes one loop timer per stream (asyncio: aiohttp pools).
         self._limited = deadline is not None
         self._watch = IdleWatch(idle) if idle is not None and deadline is None else None
+        self._later = _scheduler()  # for closing from __del__, which cannot await
         self._on_failure = on_failure
         self._on_release = on_release
         self._lines: list[bytes] = []
@@ -105,6 +112,7 @@ class AsyncStream:
         self._tail: list[bytes] = []
         self._tail_size = 0
         self._max_line = max_line
+        self._overlong = False  # a line past the limit follows the lines in _lines
         self._parts: list[str] = []
         self._thinking: list[str] = []
         self._tool_calls: list[ToolCall] = []
@@ -228,6 +236,21 @@ class AsyncStream:
     ) -> None:
         await self.aclose()
 
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if self._released:
+            return
+        # Left without aclose() or `async with`: say so, like an unclosed file, and
+        # close the connection now so the server stops generating for nobody.
+        _warn(
+            f"unclosed {self!r}: close it with aclose() or use 'async with'",
+            ResourceWarning,
+            source=self,
+            stacklevel=2,
+        )
+        self._state = _CLOSED
+        with contextlib.suppress(RuntimeError):  # the event loop is gone, and the socket
+            self._later(self._release)
+
     def __repr__(self) -> str:
         states = ["new", "running", "finishing", "finished", "failed", "closed"]
         return f"<AsyncStream model={self._model!r} server={self._server!r} {states[self._state]}>"
@@ -267,6 +290,8 @@ class AsyncStream:
 
     async def _read(self) -> bool:
         """Read the next network chunk into ``_lines``; False at the end of the body."""
+        if self._overlong:
+            raise _ReadFailed(self._line_too_long())
         try:
             if self._watch is not None:
                 chunk = await self._read_watched(self._watch)
@@ -304,14 +329,18 @@ class AsyncStream:
                 raise _ReadFailed(self._line_too_long())
             self._lines, self._pos = [], 0
             return True
-        if self._tail:
+        joined = bool(self._tail)
+        if joined:
             lines = (b"".join(self._tail) + chunk[:end]).split(b"\n")
-            if len(lines[0]) > self._max_line:
-                raise _ReadFailed(self._line_too_long())
         else:
             lines = chunk[:end].split(b"\n")
-        if end > self._max_line and any(len(line) > self._max_line for line in lines):
-            raise _ReadFailed(self._line_too_long())
+        limit = self._max_line
+        if joined or end > limit:  # only then can a line be longer than the limit
+            for i, line in enumerate(lines):
+                if len(line) > limit:  # the lines before it still count; then fail
+                    del lines[i:]
+                    self._overlong = True
+                    break
         rest = chunk[end + 1 :]
         self._tail, self._tail_size = ([rest], len(rest)) if rest else ([], 0)
         self._lines = lines
@@ -507,6 +536,42 @@ class AsyncStream:
         finally:
             if self._on_release is not None:
                 self._on_release()
+
+
+def _scheduler() -> Callable[[Callable[[], Awaitable[None]]], None]:
+    """A function that runs an async function as a task of the running event loop, soon,
+    from any thread or from ``__del__``."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def on_trio(func: Callable[[], Awaitable[None]]) -> None:
+            token.run_sync_soon(trio.lowlevel.spawn_system_task, _quietly, func)
+
+        return on_trio
+
+    def start(func: Callable[[], Awaitable[None]]) -> None:
+        task = loop.create_task(_quietly(func))
+        _closing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_closing.discard)
+
+    def on_asyncio(func: Callable[[], Awaitable[None]]) -> None:
+        loop.call_soon_threadsafe(start, func)
+
+    return on_asyncio
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+async def _quietly(func: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await func()
+    except Exception:  # a connection that fails while closing is closed all the same
+        logger.debug("Closing an abandoned stream failed", exc_info=True)
 
 
 class _TotalExpired(Exception):

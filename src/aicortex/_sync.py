@@ -12,6 +12,7 @@ import contextlib
 import functools
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
@@ -373,6 +374,101 @@ async def _set(event: anyio.Event) -> None:
     event.set()
 
 
+class _Pipe:
+    """What a :class:`Stream` and its pump task share: batches of events one way, and
+    the read-ahead count (under ``lock``) both ways. The loop waits on ``room`` (an
+    anyio.Event it made) once ``ahead`` events sit unread."""
+
+    __slots__ = ("ahead", "closing", "lock", "loop_thread", "portal", "queue", "room", "scope")
+
+    def __init__(self, portal: BlockingPortal) -> None:
+        self.portal = portal
+        # put() never blocks the loop; get() blocks only the caller. A batch holds every
+        # event whose data had already arrived: one thread hop per read, not per token.
+        self.queue: queue.SimpleQueue[list[StreamEvent] | _End] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.ahead = 0
+        self.room: anyio.Event | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.closing = False  # the Stream was closed (or dropped) by its owner
+        self.loop_thread: int | None = None
+
+    def caught_up(self, taken: int) -> None:
+        """Count ``taken`` events as read; wake the pump if it waits for room."""
+        with self.lock:
+            self.ahead -= taken
+            room = self.room
+            if room is None or self.ahead > _BATCH // 2:
+                return
+            self.room = None
+        with contextlib.suppress(RuntimeError):  # the loop is gone
+            self.portal.start_task_soon(_set, room)
+
+    def cancel_soon(self) -> None:
+        """Cancel the pump without waiting for it (from ``__del__``, any thread)."""
+        scope = self.scope
+        if scope is None:
+            return
+        if self.loop_thread == threading.get_ident():
+            scope.cancel()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is gone, and the connection
+            self.portal.start_task_soon(_cancel, scope)
+
+
+async def _cancel(scope: anyio.CancelScope) -> None:
+    scope.cancel()
+
+
+async def _pump(
+    pipe: _Pipe, opener: Callable[[], Awaitable[AsyncStream]], started: Future[AsyncStream]
+) -> None:
+    put = pipe.queue.put
+    lock = pipe.lock
+    end = _End()
+    stream: AsyncStream | None = None
+    pipe.loop_thread = threading.get_ident()
+    scope = pipe.scope = anyio.CancelScope()
+    try:
+        with scope:
+            try:
+                stream = await opener()
+            except anyio.get_cancelled_exc_class():
+                started.set_exception(_closed_error(None))
+                raise
+            except BaseException as exc:
+                started.set_exception(exc)
+                return
+            async with stream:
+                started.set_result(stream)
+                del started  # the caller's Stream holds the AsyncStream now
+                take = stream._take  # pyright: ignore[reportPrivateUsage]
+                async for event in stream:
+                    batch = [event]
+                    take(batch)
+                    put(batch)
+                    with lock:
+                        pipe.ahead += len(batch)
+                        room = None
+                        if pipe.ahead > _BATCH:
+                            room = pipe.room = anyio.Event()
+                    # Read ahead at most _BATCH events of a slow consumer; it sets the
+                    # event once it has caught up.
+                    if room is not None:
+                        await room.wait()
+    except anyio.get_cancelled_exc_class():
+        # Not our own close(): the loop is shutting down under a reader.
+        end = _End(_closed_error(stream))
+        raise
+    except Exception as exc:
+        end = _End(exc)
+    finally:
+        if scope.cancelled_caught and not pipe.closing:
+            # Cancelled by the Cortex closing, not by this stream's close().
+            end = _End(_closed_error(stream))
+        put(end)
+
+
 class _End:
     """Marks the end of the events (``error`` set when the stream raised)."""
 
@@ -403,79 +499,23 @@ class Stream:
     def __init__(
         self, portal: BlockingPortal, opener: Callable[[], Awaitable[AsyncStream]]
     ) -> None:
-        self._portal = portal
-        # Events cross from the loop thread to the caller's thread in batches, through a
-        # SimpleQueue: put() never blocks the loop, get() blocks only the caller. A batch
-        # holds every event whose data had already arrived, so a fast answer costs one
-        # thread hop per network read, not one per token.
-        self._queue: queue.SimpleQueue[list[StreamEvent] | _End] = queue.SimpleQueue()
+        self._pipe = pipe = _Pipe(portal)
         self._batch: list[StreamEvent] = []
         self._next = 0
-        # Read-ahead bookkeeping, shared by both threads under _lock: the loop waits on
-        # _room (an anyio.Event it made) once _ahead events sit unread.
-        self._lock = threading.Lock()
-        self._ahead = 0
-        self._room: anyio.Event | None = None
         self._finished = False
         self._end: _End | None = None
-        self._scope: anyio.CancelScope | None = None
         # The pump task owns the AsyncStream for its whole life, so cancel
         # scopes and the connection stay in one task. Errors before the first
         # token (no server, unknown model) are raised here, like the async API;
-        # an interruption while waiting (Ctrl-C) cancels the request.
+        # an interruption while waiting (Ctrl-C) cancels the request. The pump
+        # holds the pipe, not this object, so a Stream dropped unclosed is collected.
         started: Future[AsyncStream] = Future()
-        self._task = portal.start_task_soon(self._pump, opener, started)
+        self._task = portal.start_task_soon(_pump, pipe, opener, started)
         try:
             self._stream = started.result()
         except BaseException:
             self._task.cancel()
             raise
-
-    async def _pump(
-        self, opener: Callable[[], Awaitable[AsyncStream]], started: Future[AsyncStream]
-    ) -> None:
-        put = self._queue.put
-        lock = self._lock
-        end = _End()
-        stream: AsyncStream | None = None
-        scope = self._scope = anyio.CancelScope()
-        try:
-            with scope:
-                try:
-                    stream = await opener()
-                except anyio.get_cancelled_exc_class():
-                    started.set_exception(_closed_error(None))
-                    raise
-                except BaseException as exc:
-                    started.set_exception(exc)
-                    return
-                async with stream:
-                    started.set_result(stream)
-                    take = stream._take  # pyright: ignore[reportPrivateUsage]
-                    async for event in stream:
-                        batch = [event]
-                        take(batch)
-                        put(batch)
-                        with lock:
-                            self._ahead += len(batch)
-                            room = None
-                            if self._ahead > _BATCH:
-                                room = self._room = anyio.Event()
-                        # Read ahead at most _BATCH events of a slow consumer; it sets
-                        # the event once it has caught up.
-                        if room is not None:
-                            await room.wait()
-        except anyio.get_cancelled_exc_class():
-            # Not our own close(): the loop is shutting down under a reader.
-            end = _End(_closed_error(stream))
-            raise
-        except Exception as exc:
-            end = _End(exc)
-        finally:
-            if scope.cancelled_caught and not self._finished:
-                # Cancelled by the Cortex closing, not by this stream's close().
-                end = _End(_closed_error(stream))
-            put(end)
 
     def __iter__(self) -> Iterator[StreamEvent]:
         try:
@@ -510,7 +550,7 @@ class Stream:
             self._next = len(batch)
             return batch[taken:]
         try:
-            item = self._queue.get()
+            item = self._pipe.queue.get()
         except BaseException:
             self.close()
             raise
@@ -521,20 +561,9 @@ class Stream:
             if item.error is not None:
                 raise item.error
             return None
-        self._caught_up(len(item))
+        self._pipe.caught_up(len(item))
         self._batch, self._next = item, len(item)
         return item
-
-    def _caught_up(self, taken: int) -> None:
-        """Count ``taken`` events as read; wake the pump if it waits for room."""
-        with self._lock:
-            self._ahead -= taken
-            room = self._room
-            if room is None or self._ahead > _BATCH // 2:
-                return
-            self._room = None
-        with contextlib.suppress(RuntimeError):  # the loop is gone
-            self._portal.start_task_soon(_set, room)
 
     def _wait_pump(self) -> None:
         with contextlib.suppress(CancelledError):
@@ -562,16 +591,28 @@ class Stream:
 
     def close(self) -> None:
         """Stop reading and close the connection now. Safe to call twice."""
-        self._finished = True
+        self._finished = self._pipe.closing = True
         self._cancel()
 
     def _cancel(self) -> None:
-        scope = self._scope
+        scope = self._pipe.scope
         if scope is not None and not self._task.done():
             # RuntimeError: the loop is gone, and the connection with it.
             with contextlib.suppress(RuntimeError):
-                self._portal.call(scope.cancel)
+                self._pipe.portal.call(scope.cancel)
         self._wait_pump()
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if not hasattr(self, "_stream") or self._finished or self._task.done():
+            return  # never opened, or already ended
+        _warn(
+            f"unclosed {self!r}: close it, or iterate it to the end or in a 'with' block",
+            ResourceWarning,
+            source=self,
+            stacklevel=2,
+        )
+        self._pipe.closing = True
+        self._pipe.cancel_soon()
 
     def __enter__(self) -> Stream:
         return self
