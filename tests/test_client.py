@@ -274,6 +274,18 @@ async def test_a_server_without_the_model_is_passed_over_for_one_with_it(
     assert lacking.count("/api/chat") == 0
 
 
+async def test_a_server_that_lists_the_model_but_lacks_it_gives_way_to_a_slower_one(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """The 404 race: the first server lists the model but answers 404 for it; the next
+    one, whose probe was slower, is still probed and tried before ModelNotFoundError."""
+    listed = fake_ollama(models=[MODEL], chat=model_not_found())
+    slower = fake_ollama(models=[MODEL], probe_delay=0.3, chat=reply("from the slower one"))
+    async with cortex(listed.url, slower.url) as client:
+        assert await client.chat("hi", model=MODEL) == "from the slower one"
+    assert slower.count("/api/chat") == 1
+
+
 async def test_a_400_is_a_validation_error_with_ollamas_message_and_no_failover(
     fake_ollama: FakeOllamaFactory,
 ) -> None:

@@ -384,9 +384,12 @@ class AsyncCortex:
         missing_on: list[str] = []
         skipped: list[Attempt] = []
         while True:
+            # Only the servers not tried yet decide what to probe: one that failed (or
+            # lacked the model) must not stop a slower server's probe from mattering.
+            untried = [c for c in candidates if c not in tried]
             with _total_deadline(deadline, t):
-                health = await self._router.health(candidates, model)
-            plan = plan_attempts([c for c in candidates if c not in tried], health, model)
+                health = await self._router.health(untried, model)
+            plan = plan_attempts(untried, health, model)
             skipped = plan.skipped
             if not plan.order:
                 break
