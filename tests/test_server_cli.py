@@ -124,27 +124,22 @@ def test_serve_requires_a_key_from_the_key_file(
     assert "sk-cli-key" not in err
 
 
-def test_serve_with_a_missing_key_file_exits_with_a_message(tmp_path: Path) -> None:
-    """A key file that cannot be read stops the command before it listens, saying why."""
-    missing = tmp_path / "nope.txt"
+def serve_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``aicortex serve ARGS`` on a free port, expecting it to stop by itself."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aicortex",
-            "serve",
-            "--port",
-            str(free_port()),
-            "--api-key-file",
-            str(missing),
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "aicortex", "serve", "--port", str(free_port()), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_serve_with_a_missing_key_file_exits_with_a_message(tmp_path: Path) -> None:
+    """A key file that cannot be read stops the command before it listens, saying why."""
+    result = serve_command("--api-key-file", str(tmp_path / "nope.txt"))
     assert result.returncode == 2
     assert "nope.txt" in result.stderr
 
@@ -173,14 +168,6 @@ def test_serve_refuses_a_bad_transport_setting_before_listening(
     option: list[str], message: str
 ) -> None:
     """A bad --http or --max-connections stops the command with status 2, saying why."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(
-        [sys.executable, "-m", "aicortex", "serve", "--port", str(free_port()), *option],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = serve_command(*option)
     assert result.returncode == 2
     assert message in result.stderr
