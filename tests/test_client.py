@@ -434,6 +434,18 @@ async def test_a_non_streamed_chat_that_breaks_midway_is_retried_elsewhere(
         assert await client.chat("hi", model=MODEL) == "complete"
 
 
+async def test_a_non_streamed_chat_broken_everywhere_names_why_without_stream_advice(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """When every server breaks mid-answer, ServerError says how each one broke, and
+    nothing about .partial_text, which a non-streamed call does not have."""
+    cut = fake_ollama(chat=cut_after(["par", "tial"], 1))
+    with pytest.raises(ServerError, match=r"broke mid-answer \(broke after 1 tokens: ") as info:
+        async with cortex(cut.url) as client:
+            await client.chat("hi", model=MODEL)
+    assert "partial_text" not in str(info.value)
+
+
 async def test_a_total_deadline_raises_a_timeout_error(fake_ollama: FakeOllamaFactory) -> None:
     """Timeout(total=...) bounds the whole call with a CortexTimeoutError('total')."""
     slow = fake_ollama(chat=reply(["a"] * 50, delay=0.1))

@@ -374,7 +374,8 @@ class AsyncCortex:
                 cause = exc.__cause__
                 if isinstance(cause, CortexTimeoutError) and cause.phase == "total":
                     raise cause from None
-                attempts.append(Attempt(stream.server, f"broke mid-answer ({exc})"))
+                # Nothing reached the caller: the reason, not the advice about partial text.
+                attempts.append(Attempt(stream.server, f"broke mid-answer ({exc.reason or exc})"))
             finally:
                 await stream.aclose()
 

@@ -107,7 +107,7 @@ class StreamError(AICortexError):
 
     The output cannot be restarted elsewhere without repeating text, so the
     stream ends here. ``partial_text`` is what had arrived, ``server`` is the
-    server that was streaming.
+    server that was streaming, ``reason`` what broke (when known).
     """
 
     def __init__(
@@ -117,10 +117,12 @@ class StreamError(AICortexError):
         partial_text: str = "",
         server: str | None = None,
         model: str | None = None,
+        reason: str | None = None,
     ) -> None:
         self.partial_text = partial_text
         self.server = server
         self.model = model
+        self.reason = reason
         super().__init__(message)
 
 

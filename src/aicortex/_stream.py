@@ -498,7 +498,13 @@ class AsyncStream:
             f"The stream from {self._server} broke after {self._index} tokens: {reason}. "
             "The partial text is in .partial_text; retry the request to get a full answer."
         )
-        error = StreamError(message, partial_text=partial, server=self._server, model=self._model)
+        error = StreamError(
+            message,
+            partial_text=partial,
+            server=self._server,
+            model=self._model,
+            reason=f"broke after {self._index} tokens: {reason}",
+        )
         if timeout is not None:
             error.__cause__ = timeout
         self._error = error
