@@ -193,7 +193,8 @@ def make_pool(
     headers: Mapping[str, str],
 ) -> Pool:
     """A :class:`Pool` for ``url`` on the running event loop."""
-    kind = "httpx" if _proxied(url) else pick_transport(choice)
+    proxied = _proxied(url)
+    kind = "httpx" if proxied else pick_transport(choice)
     verify = _verify_for(url)
 
     def client(pool_limits: httpx.Limits) -> httpx.AsyncClient:
@@ -202,7 +203,7 @@ def make_pool(
             from ._aiohttp import aiohttp_transport
 
             transport = aiohttp_transport(verify=verify, limits=pool_limits)
-        elif not _proxied(url):
+        elif not proxied:
             transport = httpx.AsyncHTTPTransport(verify=verify, limits=pool_limits)
         # transport None: httpx builds one per proxy the environment names.
         return httpx.AsyncClient(
