@@ -81,7 +81,7 @@ class AsyncStream:
         max_line: int = DEFAULT_MAX_LINE,
     ) -> None:
         # deadline: the caller's total limit, checked at every read; idle: a gap limit
-        # the transport does not enforce itself, so this stream does, per read.
+        # the transport does not enforce itself, so this stream does.
         self._response = response
         # Without a content-encoding the raw byte stream is the body: reading it
         # directly skips generator layers per chunk on the hot path.
