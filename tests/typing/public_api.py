@@ -75,6 +75,15 @@ async def use_async_cortex() -> None:
     await cortex.aclose()
 
 
+async def use_the_pools() -> None:
+    async with AsyncCortex(["http://gpu-box:11434"], http="aiohttp", max_connections=64) as cortex:
+        which: Literal["httpx", "aiohttp"] = cortex.transport()
+        limit: int | None = cortex.limits.max_connections
+        print(which, limit, cortex.http)
+    with Cortex(http="httpx", max_line_size=1 << 20) as blocking:
+        print(blocking.transport(), blocking.limits)
+
+
 def use_sync_cortex() -> None:
     with Cortex(servers="http://a:11434,http://b:11434", backend="trio") as cortex:
         s: str = cortex.chat("hi")
