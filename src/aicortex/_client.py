@@ -40,7 +40,7 @@ from ._protocol import (
     classify_status,
     encode_body,
 )
-from ._router import Router, describe_error, idle_enforced, request_timeouts
+from ._router import Router, describe_error, request_timeouts
 from ._stream import DEFAULT_MAX_LINE, AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
 
@@ -444,6 +444,9 @@ class AsyncCortex:
         pool = router.pool(url)
         kind = pool.transport
         timeouts = request_timeouts(t, kind)
+        # The idle limit the stream must watch itself: none where the transport's read
+        # timeout is it (httpx's is switched to it below; aiohttp's stays as it starts).
+        watch_idle = None if kind == "httpx" or timeouts["read"] == t.idle else t.idle
         request = router.chat_request(url, body, timeouts)
         slots = pool.slots
         holding = waiting = False
@@ -472,7 +475,7 @@ class AsyncCortex:
                     server=url,
                     deadline=deadline,
                     total=t.total,
-                    idle=None if idle_enforced(t, kind) else t.idle,
+                    idle=watch_idle,
                     on_failure=router.mark_down,
                     on_release=None if slots is None else slots.release,
                     max_line=self._max_line,

@@ -16,7 +16,7 @@ from ._health import Health, HealthCache, decided
 from ._pools import DEFAULT_LIMITS, HttpChoice, Pool, TransportName, make_pool, pick_transport
 from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH
 
-__all__ = ["Router", "describe_error", "idle_enforced", "request_timeouts"]
+__all__ = ["Router", "describe_error", "request_timeouts"]
 
 logger = logging.getLogger("aicortex")
 
@@ -27,20 +27,13 @@ def request_timeouts(t: Timeout, transport: TransportName) -> dict[str, float | 
     No ``pool`` limit: a chat waits for a local slot in its :class:`Pool`, bounded by the
     first-token limit. httpx's transport reads ``read`` afresh at every read, so the
     caller switches it to the idle limit once the response has started; aiohttp's fixes
-    it when the request starts, so it gets the longer of the two and the stream enforces
-    the idle limit itself (see :func:`idle_enforced`).
+    it when the request starts, so it gets the longer of the two, and unless that is the
+    idle limit the stream enforces the idle limit itself.
     """
     read = t.first_token
     if transport == "aiohttp":
         read = None if read is None or t.idle is None else max(read, t.idle)
     return {"connect": t.connect, "read": read, "write": t.connect, "pool": None}
-
-
-def idle_enforced(t: Timeout, transport: TransportName) -> bool:
-    """Whether the transport itself ends a read after ``t.idle`` once a stream started."""
-    if transport == "httpx" or t.idle is None:
-        return True
-    return t.first_token is not None and t.first_token <= t.idle
 
 
 def describe_error(exc: BaseException, timeout: Timeout) -> str:
