@@ -259,8 +259,6 @@ class Router:
         settled: a server that is up and lists the model, with every server
         preferred over it already known.
         """
-        if self.http == "aiohttp":
-            pick_transport(self.http)  # on trio: a ValidationError now, not in a probe
         now = self.now()
         known: dict[str, Health] = {}
         if not fresh:
@@ -271,6 +269,10 @@ class Router:
             if decided(candidates, known, model):
                 return known
         stale = [u for u in candidates if u not in known]
+        for url in stale:
+            # Pools are made here, not in the probe tasks, so that a transport that
+            # cannot run on this loop raises its own ValidationError, not a group.
+            self.pool(url)
 
         async with anyio.create_task_group() as tg:
 
