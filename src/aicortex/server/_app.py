@@ -60,8 +60,7 @@ class CortexHandle:
         self._timeout = timeout
         # Checked now, so that a bad setting fails at start rather than on a first request.
         self._http: HttpChoice = http_choice(http)
-        connection_limits(None, max_connections)
-        self._max_connections = max_connections
+        self._limits = connection_limits(None, max_connections)
         self.owned = cortex is None
 
     @property
@@ -76,7 +75,7 @@ class CortexHandle:
                 fallback=not self._servers,
                 timeout=self._timeout,
                 http=self._http,
-                max_connections=self._max_connections,
+                limits=self._limits,
             )
         return cortex
 

@@ -10,6 +10,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .._pools import HttpChoice
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
 
@@ -25,7 +29,7 @@ def serve(
     *,
     max_body_size: int | None = None,
     log_level: str = "info",
-    http: str | None = None,
+    http: HttpChoice | None = None,
     max_connections: int | None = None,
 ) -> None:
     """Serve the OpenAI-compatible proxy with uvicorn until interrupted (Ctrl-C).
@@ -40,14 +44,13 @@ def serve(
         raise SystemExit(
             "aicortex serve needs the server extra: pip install 'aicortex-core[server]'"
         ) from None
-    from .._pools import http_choice
     from ._app import DEFAULT_MAX_BODY_SIZE, create_app
 
     app = create_app(
         servers=list(servers) if servers else None,
         api_key_file=api_key_file,
         max_body_size=DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size,
-        http=http_choice(http),
+        http=http,
         max_connections=max_connections,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
