@@ -10,8 +10,9 @@ transport runs. Imported only when the first aiohttp pool is made.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 
 import aiohttp
 import httpx
@@ -50,6 +51,20 @@ def as_httpx_error(exc: BaseException) -> httpx.TransportError | None:
     return error
 
 
+@contextlib.contextmanager
+def _httpx_errors(request: httpx.Request | None = None) -> Generator[None]:
+    """Raise aiohttp's failures inside the block as httpx's types."""
+    try:
+        yield
+    except (aiohttp.ClientError, httpx.TransportError) as exc:
+        mapped = as_httpx_error(exc)
+        if mapped is None:
+            raise
+        if request is not None:
+            mapped.request = request
+        raise mapped from mapped.__cause__
+
+
 class _Body(httpx.AsyncByteStream):
     """A response body whose read errors come out as httpx's types."""
 
@@ -57,14 +72,9 @@ class _Body(httpx.AsyncByteStream):
         self._inner = inner
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
+        with _httpx_errors():
             async for chunk in self._inner:
                 yield chunk
-        except (aiohttp.ClientError, httpx.TransportError) as exc:
-            mapped = as_httpx_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from mapped.__cause__
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -72,14 +82,8 @@ class _Body(httpx.AsyncByteStream):
 
 class _Transport(AiohttpTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
+        with _httpx_errors(request):
             response = await super().handle_async_request(request)
-        except (aiohttp.ClientError, httpx.TransportError) as exc:
-            mapped = as_httpx_error(exc)
-            if mapped is None:
-                raise
-            mapped.request = request
-            raise mapped from mapped.__cause__
         stream = response.stream
         if isinstance(stream, httpx.AsyncByteStream):
             response.stream = _Body(stream)
