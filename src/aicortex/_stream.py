@@ -9,7 +9,7 @@ import math
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -18,6 +18,9 @@ from pydantic_core import from_json
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import CortexTimeoutError, StreamError
 from ._idle import IdleWatch
+
+if TYPE_CHECKING:
+    from trio.lowlevel import TrioToken
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
 
 __all__ = ["DEFAULT_MAX_LINE", "AsyncStream", "StartFailed"]
@@ -102,7 +105,7 @@ class AsyncStream:
         # idle limit alone takes one loop timer per stream (asyncio: aiohttp pools).
         self._limited = deadline is not None
         self._watch = IdleWatch(idle) if idle is not None and deadline is None else None
-        self._later = _scheduler()  # for closing from __del__, which cannot await
+        self._loop = _current_loop()  # for closing from __del__, which cannot await
         self._on_failure = on_failure
         self._on_release = on_release
         self._lines: list[bytes] = []
@@ -249,7 +252,7 @@ class AsyncStream:
         )
         self._state = _CLOSED
         with contextlib.suppress(RuntimeError):  # the event loop is gone, and the socket
-            self._later(self._release)
+            _run_soon(self._loop, self._release)
 
     def __repr__(self) -> str:
         states = ["new", "running", "finishing", "finished", "failed", "closed"]
@@ -544,30 +547,32 @@ class AsyncStream:
                 self._on_release()
 
 
-def _scheduler() -> Callable[[Callable[[], Awaitable[None]]], None]:
-    """A function that runs an async function as a task of the running event loop, soon,
-    from any thread or from ``__del__``."""
+def _current_loop() -> asyncio.AbstractEventLoop | TrioToken:
+    """The running event loop: asyncio's loop, or trio's token for it."""
     try:
-        loop = asyncio.get_running_loop()
+        return asyncio.get_running_loop()
     except RuntimeError:  # trio
         import trio
 
-        token = trio.lowlevel.current_trio_token()
+        return trio.lowlevel.current_trio_token()
 
-        def on_trio(func: Callable[[], Awaitable[None]]) -> None:
-            token.run_sync_soon(trio.lowlevel.spawn_system_task, _quietly, func)
 
-        return on_trio
+def _run_soon(
+    loop: asyncio.AbstractEventLoop | TrioToken, func: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``func()`` as a task of ``loop``, soon, from any thread or from ``__del__``."""
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        loop.call_soon_threadsafe(_start_task, loop, func)
+    else:
+        import trio
 
-    def start(func: Callable[[], Awaitable[None]]) -> None:
-        task = loop.create_task(_quietly(func))
-        _closing.add(task)  # the loop keeps only a weak reference to a task
-        task.add_done_callback(_closing.discard)
+        loop.run_sync_soon(trio.lowlevel.spawn_system_task, _quietly, func)
 
-    def on_asyncio(func: Callable[[], Awaitable[None]]) -> None:
-        loop.call_soon_threadsafe(start, func)
 
-    return on_asyncio
+def _start_task(loop: asyncio.AbstractEventLoop, func: Callable[[], Awaitable[None]]) -> None:
+    task = loop.create_task(_quietly(func))
+    _closing.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_closing.discard)
 
 
 _closing: set[asyncio.Task[None]] = set()
