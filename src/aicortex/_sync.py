@@ -370,8 +370,9 @@ class Cortex:
         return self._async.random_llm_params(model, seed=seed)
 
 
-async def _set(event: anyio.Event) -> None:
-    event.set()
+async def _call(func: Callable[[], object]) -> None:
+    """``func()`` on the loop, as a task a portal can start."""
+    func()
 
 
 class _Pipe:
@@ -402,7 +403,7 @@ class _Pipe:
                 return
             self.room = None
         with contextlib.suppress(RuntimeError):  # the loop is gone
-            self.portal.start_task_soon(_set, room)
+            self.portal.start_task_soon(_call, room.set)
 
     def cancel_soon(self) -> None:
         """Cancel the pump without waiting for it (from ``__del__``, any thread)."""
@@ -413,11 +414,7 @@ class _Pipe:
             scope.cancel()
             return
         with contextlib.suppress(RuntimeError):  # the loop is gone, and the connection
-            self.portal.start_task_soon(_cancel, scope)
-
-
-async def _cancel(scope: anyio.CancelScope) -> None:
-    scope.cancel()
+            self.portal.start_task_soon(_call, scope.cancel)
 
 
 async def _pump(
