@@ -242,6 +242,29 @@ def test_a_stream_dropped_unclosed_warns_disconnects_and_is_collected(
     assert server.wait_for_disconnect(1.0)
 
 
+def test_a_slow_reader_bounds_the_read_ahead_and_then_gets_every_event(
+    fake_ollama: FakeOllamaFactory, cortex: CortexFactory
+) -> None:
+    """The loop reads at most about 8,192 events ahead of a reader that stops; once the
+    reader goes on, the loop is woken and every event arrives."""
+    line = b'{"message": {"role": "assistant", "content": "t"}, "done": false}\n'
+    done = b'{"message": {"role": "assistant", "content": ""}, "done": true}\n'
+    server = fake_ollama(chat=ndjson_lines([line * 30_000, done]))
+    stream = cortex(server.url).chat("hi", model=MODEL, stream=True)
+    assert next(stream).type is EventType.START
+    time.sleep(0.5)  # the reader pauses; the loop runs on only as far as it may
+    assert 8_192 <= len(stream.partial_text) < 12_000
+    tokens: list[int] = []
+
+    def read_the_rest() -> None:
+        tokens.append(sum(1 for event in stream if event.type is EventType.TOKEN))
+
+    reader = threading.Thread(target=read_the_rest)
+    reader.start()
+    reader.join(10)
+    assert tokens == [30_000]
+
+
 # -- failover and errors ------------------------------------------------------------------
 
 
