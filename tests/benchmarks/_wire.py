@@ -63,10 +63,19 @@ def stream_tokens(count: int) -> list[str]:
 
 def serve(handle: Handler, port_out: Any, backlog: int) -> None:
     """Serve ``handle`` on a free port of 127.0.0.1 until the process ends; the port
-    goes to ``port_out`` (a multiprocessing queue)."""
+    goes to ``port_out`` (a multiprocessing queue). ``handle`` answers one connection;
+    a client that leaves ends it quietly, and the connection is closed after it."""
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=backlog)
+        server = await asyncio.start_server(connection, "127.0.0.1", 0, backlog=backlog)
         port_out.put(server.sockets[0].getsockname()[1])
         async with server:
             await server.serve_forever()

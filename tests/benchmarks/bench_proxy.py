@@ -130,26 +130,21 @@ def _serve_upstream(port_out: Any, tokens: int) -> None:
     )
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                path, body = await read_request(reader)
-                if path == b"/api/chat":
-                    request = json.loads(body)
-                    streamed, whole = answers.get(request.get("model"), answers[MODEL])
-                    writer.write(whole if request.get("stream") is False else streamed)
-                elif path == b"/v1/chat/completions":
-                    writer.write(openai_answer)  # Ollama's own OpenAI-compatible layer
-                elif path == b"/api/tags":
-                    writer.write(plain(tags))
-                elif path == b"/api/ps":
-                    writer.write(plain(b'{"models":[]}'))
-                else:
-                    writer.write(plain(b'{"version":"0.33.0"}'))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        while True:
+            path, body = await read_request(reader)
+            if path == b"/api/chat":
+                request = json.loads(body)
+                streamed, whole = answers.get(request.get("model"), answers[MODEL])
+                writer.write(whole if request.get("stream") is False else streamed)
+            elif path == b"/v1/chat/completions":
+                writer.write(openai_answer)  # Ollama's own OpenAI-compatible layer
+            elif path == b"/api/tags":
+                writer.write(plain(tags))
+            elif path == b"/api/ps":
+                writer.write(plain(b'{"models":[]}'))
+            else:
+                writer.write(plain(b'{"version":"0.33.0"}'))
+            await writer.drain()
 
     serve(handle, port_out, backlog=1024)
 
@@ -458,27 +453,22 @@ def _serve_paced(port_out: Any, rate: float) -> None:
     }
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                path, body = await read_request(reader)
-                if path != b"/api/chat":
-                    writer.write(fixed.get(path, fixed[b"/api/version"]))
-                    await writer.drain()
-                    continue
-                prompt = json.loads(body)["messages"][-1]["content"]
-                count = min(int(prompt.split()[-1]), len(tokens))
-                writer.write(head)
-                for i in range(count):
-                    if i:
-                        await asyncio.sleep(gap)
-                    writer.write(tokens[i])  # goes out now: the buffer is empty
-                    await writer.drain()
-                writer.write(final(count))
+        while True:
+            path, body = await read_request(reader)
+            if path != b"/api/chat":
+                writer.write(fixed.get(path, fixed[b"/api/version"]))
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+                continue
+            prompt = json.loads(body)["messages"][-1]["content"]
+            count = min(int(prompt.split()[-1]), len(tokens))
+            writer.write(head)
+            for i in range(count):
+                if i:
+                    await asyncio.sleep(gap)
+                writer.write(tokens[i])  # goes out now: the buffer is empty
+                await writer.drain()
+            writer.write(final(count))
+            await writer.drain()
 
     serve(handle, port_out, backlog=2048)
 

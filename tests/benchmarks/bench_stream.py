@@ -97,20 +97,15 @@ def _serve(port_out: Any, tokens: int) -> None:
     missing = plain(b'{"error":"not found"}', b"404 Not Found")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                path, body = await read_request(reader)
-                if path == b"/api/chat":
-                    chat = json.loads(body)
-                    streamed, whole = answers.get(chat.get("model"), answers[MODEL])
-                    writer.write(whole if chat.get("stream") is False else streamed)
-                else:
-                    writer.write(fixed.get(path, missing))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+        while True:
+            path, body = await read_request(reader)
+            if path == b"/api/chat":
+                chat = json.loads(body)
+                streamed, whole = answers.get(chat.get("model"), answers[MODEL])
+                writer.write(whole if chat.get("stream") is False else streamed)
+            else:
+                writer.write(fixed.get(path, missing))
+            await writer.drain()
 
     serve(handle, port_out, backlog=128)
 
