@@ -811,7 +811,8 @@ class FakeOllama(_Background):
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FakeOllama:
-        """Start listening on an ephemeral port; returns self once connections are accepted."""
+        """Start listening (on an ephemeral port; after a `stop()`, on the same port again, as
+        a restarted server would); returns self once connections are accepted."""
         if self._thread is not None:
             raise RuntimeError("FakeOllama is already started")
         ready = threading.Event()
@@ -854,7 +855,9 @@ class FakeOllama(_Background):
     async def _main(self, ready: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self._port, reuse_address=True
+        )
         self._port = server.sockets[0].getsockname()[1]
         ready.set()
         try:

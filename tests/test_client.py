@@ -229,7 +229,8 @@ async def test_failures_before_the_first_token_move_on_invisibly(
 async def test_when_every_server_is_down_the_error_names_each_one(
     fake_ollama: FakeOllamaFactory, black_hole: BlackHoleFactory
 ) -> None:
-    """ServerError lists every server tried, with why it could not serve."""
+    """ServerError lists every server tried in preference order, with why it could not
+    serve and what kind of failure it was."""
     refused = refused_url()
     hole = black_hole()
     busy_server = fake_ollama(chat=busy())
@@ -237,7 +238,8 @@ async def test_when_every_server_is_down_the_error_names_each_one(
         with pytest.raises(ServerError) as info:
             await client.chat("hi", model=MODEL)
     error = info.value
-    assert error.servers == [busy_server.url, refused, hole.url]
+    assert error.servers == [refused, hole.url, busy_server.url]
+    assert [a.kind for a in error.attempts] == ["unreachable", "unreachable", "busy"]
     reasons = {a.server: a.reason for a in error.attempts}
     assert "refused" in reasons[refused]
     assert "timed out" in reasons[hole.url]

@@ -280,15 +280,21 @@ async def test_a_long_line_within_the_limit_is_read_in_linear_time(
     assert time.monotonic() - started < 3.0
 
 
-async def test_a_failed_stream_marks_its_server_down(fake_ollama: FakeOllamaFactory) -> None:
-    """The next call goes to another server without waiting for the next probe."""
+async def test_a_failed_stream_gets_its_server_probed_not_dropped(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """One broken answer is not an outage: the server is probed, still answers, and
+    the next call goes to it again rather than to the spare."""
     flaky = fake_ollama(chat=[cut_after(["x", "y"], 1), reply("fine")])
     spare = fake_ollama(chat=reply("spare"))
     async with cortex(flaky.url, spare.url) as client:
         stream = await client.chat("hi", model=MODEL, stream=True)
         with pytest.raises(StreamError):
             await stream.text()
-        assert await client.chat("again", model=MODEL) == "spare"
+        probes = flaky.count("/api/tags")
+        assert await client.chat("again", model=MODEL) == "fine"
+        assert flaky.count("/api/tags") == probes + 1
+    assert spare.count("/api/chat") == 0
 
 
 async def test_thinking_and_tool_calls_are_typed_data(fake_ollama: FakeOllamaFactory) -> None:

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from ._lookup import models as models
     from ._lookup import random_llm_params as random_llm_params
     from ._protocol import Message as Message
+    from ._routing import Server as Server
+    from ._routing import ServerState as ServerState
     from ._stream import AsyncStream as AsyncStream
     from ._sync import Cortex as Cortex
     from ._sync import Stream as Stream
@@ -70,6 +72,8 @@ _LAZY = {
     "AsyncCortex": "_client",
     "ServerInfo": "_health",
     "Message": "_protocol",
+    "Server": "_routing",
+    "ServerState": "_routing",
     "AsyncStream": "_stream",
     "Cortex": "_sync",
     "Stream": "_sync",
@@ -89,9 +93,11 @@ __all__ = [
     "ModelInfo",
     "ModelNotFoundError",
     "ParamRange",
+    "Server",
     "ServerEntry",
     "ServerError",
     "ServerInfo",
+    "ServerState",
     "Stats",
     "Stream",
     "StreamError",

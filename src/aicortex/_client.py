@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import random
+import time
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from types import TracebackType
@@ -24,13 +27,14 @@ from ._config import (
 )
 from ._exceptions import (
     Attempt,
+    AttemptKind,
     CortexTimeoutError,
     ModelNotFoundError,
     ServerError,
     StreamError,
     ValidationError,
 )
-from ._health import NOT_PROBED, ServerInfo, plan_attempts, unique
+from ._health import Health, ServerInfo, unique
 from ._pools import HttpChoice, TransportName, connection_limits, http_choice
 from ._protocol import (
     CHAT_PATH,
@@ -39,8 +43,21 @@ from ._protocol import (
     build_messages,
     classify_status,
     encode_body,
+    model_key,
 )
-from ._router import Router, describe_error, request_timeouts
+from ._router import Lease, Router, describe_error, request_timeouts
+from ._routing import (
+    DOWN,
+    FAILURES_TO_EJECT,
+    FULL,
+    MODEL,
+    FailureKind,
+    Fleet,
+    Server,
+    ServerState,
+    Strategy,
+    routing_choice,
+)
 from ._stream import DEFAULT_MAX_LINE, AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
 
@@ -51,6 +68,8 @@ logger = logging.getLogger("aicortex")
 Prompt = str | Sequence[Mapping[str, Any] | Message]
 
 _ERROR_BODY_LIMIT = 64 * 1024
+# How a Python caller names its servers; the command line says it its own way.
+NO_SERVER_ADVICE = "servers=[...] or AICORTEX_SERVERS"
 
 
 class ApiRequest(TypedDict):
@@ -70,18 +89,29 @@ class _Call(NamedTuple):
     candidates: list[str]
     timeout: Timeout
     deadline: float | None
+    affinity: str | None
 
 
-class _ModelMissing(Exception):
-    pass
+ServerSpec = str | Server
 
 
-def _as_list(servers: Sequence[str] | str | None) -> list[str]:
-    if servers is None:
-        return []
-    if isinstance(servers, str):
-        return split_servers(servers)
-    return list(servers)
+def _as_servers(servers: Sequence[ServerSpec] | str | None) -> list[Server]:
+    """``servers=`` (else ``AICORTEX_SERVERS``) as :class:`Server` entries with
+    normalised URLs, without repeats."""
+    items = split_servers(servers) if isinstance(servers, str) else list(servers or ())
+    found: dict[str, Server] = {}
+    for item in items or env_servers():
+        if isinstance(item, Server):
+            url = normalize_host(item.url)
+            server = item if url == item.url else dataclasses.replace(item, url=url)
+        elif isinstance(item, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+            server = Server(normalize_host(item))
+        else:
+            raise ValidationError(
+                f"servers must hold URL strings or aicortex.Server, not {item!r}."
+            )
+        found.setdefault(server.url, server)
+    return list(found.values())
 
 
 class AsyncCortex:
@@ -107,9 +137,10 @@ class AsyncCortex:
 
     def __init__(
         self,
-        servers: Sequence[str] | str | None = None,
+        servers: Sequence[ServerSpec] | str | None = None,
         *,
         model: str | None = None,
+        routing: Strategy | None = None,
         timeout: Timeout | None = None,
         health_ttl: float = DEFAULT_HEALTH_TTL,
         fallback: bool = True,
@@ -120,8 +151,9 @@ class AsyncCortex:
         max_connections: int | None = None,
         max_line_size: int = DEFAULT_MAX_LINE,
     ) -> None:
-        configured = _as_list(servers) or env_servers()
-        self._servers = unique(normalize_host(s) for s in configured)
+        configured = _as_servers(servers)
+        self._servers = [s.url for s in configured]
+        self._routing: Strategy = routing_choice(routing)
         self._model = model
         self._timeout = timeout if timeout is not None else Timeout()
         if not isinstance(self._timeout, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -149,6 +181,7 @@ class AsyncCortex:
             headers=all_headers,
             http=http_choice(http),
             limits=connection_limits(limits, max_connections),
+            servers=configured,
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -177,6 +210,11 @@ class AsyncCortex:
     def timeout(self) -> Timeout:
         """The default timeouts of this client."""
         return self._timeout
+
+    @property
+    def routing(self) -> Strategy:
+        """How servers are chosen: ``"priority"``, ``"least_busy"`` or ``"round_robin"``."""
+        return self._routing
 
     @property
     def http(self) -> HttpChoice:
@@ -249,6 +287,7 @@ class AsyncCortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> str: ...
 
     @overload
@@ -267,6 +306,7 @@ class AsyncCortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> AsyncStream: ...
 
     @overload
@@ -285,6 +325,7 @@ class AsyncCortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> str | AsyncStream: ...
 
     async def chat(
@@ -302,12 +343,15 @@ class AsyncCortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> str | AsyncStream:
         """Send a chat to the best available server.
 
         Returns the answer's text, or with ``stream=True`` an :class:`AsyncStream`
         that is already connected (its first token has arrived). Failures before
         the first token move on to the next server; see the README for the rules.
+        ``affinity`` (for example a conversation id) sends every chat with the same
+        key to the same healthy server, so that it can reuse its prompt cache.
         """
         call = self._prepare(
             prompt,
@@ -321,6 +365,7 @@ class AsyncCortex:
             think=think,
             keep_alive=keep_alive,
             timeout=timeout,
+            affinity=affinity,
         )
         if stream:
             return await self._open(call, [])
@@ -340,6 +385,7 @@ class AsyncCortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> _Call:
         """Check a chat's arguments and plan it: body, servers to try, limits."""
         self._router.check_open()
@@ -358,7 +404,10 @@ class AsyncCortex:
         if not isinstance(t, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError("timeout must be an aicortex.Timeout.")
         deadline = None if t.total is None else anyio.current_time() + t.total
-        return _Call(encode_body(body), model, self.candidates(model, server_url), t, deadline)
+        if affinity is not None and not isinstance(affinity, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError(f"affinity must be a string, not {affinity!r}.")
+        candidates = self.candidates(model, server_url)
+        return _Call(encode_body(body), model, candidates, t, deadline, affinity or None)
 
     async def _collect(self, call: _Call) -> AsyncStream:
         """A stream read to its end. Nothing has reached the caller yet, so a stream
@@ -375,55 +424,117 @@ class AsyncCortex:
                 if isinstance(cause, CortexTimeoutError) and cause.phase == "total":
                     raise cause from None
                 # Nothing reached the caller: the reason, not the advice about partial text.
-                attempts.append(Attempt(stream.server, f"broke mid-answer ({exc.reason or exc})"))
+                attempts.append(
+                    Attempt(stream.server, f"broke mid-answer ({exc.reason or exc})", "failed")
+                )
             finally:
                 await stream.aclose()
 
     async def _open(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
-        body, model, candidates, t, deadline = call
-        tried = {a.server for a in attempts}
+        """Route the chat and start it on the first server that answers."""
+        router = self._router
+        # Servers whose ejection is over are probed in the background: this request
+        # goes elsewhere, and never waits for a server that may still be dead.
+        for url in router.fleet.to_probe(call.candidates, router.now())[1]:
+            router.probe_soon(url)
+        return await self._route(call, attempts)
+
+    async def _route(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
+        body, model, candidates, t, deadline, affinity = call
+        router = self._router
+        fleet = router.fleet
+        key = model_key(model)
+        strategy = self._routing
+        spread = strategy != "priority" or affinity is not None
+        # Servers out of the running for this request: tried, or found down by a probe.
+        out = {a.server for a in attempts if a.kind != "busy"}
+        forced: set[str] = set()  # servers probed despite their state (nothing else left)
         missing_on: list[str] = []
-        skipped: list[Attempt] = []
+        busy_until = _busy_limit(t, deadline)
         while True:
-            # Only the servers not tried yet decide what to probe: one that failed (or
-            # lacked the model) must not stop a slower server's probe from mattering.
-            untried = [c for c in candidates if c not in tried]
-            with _total_deadline(deadline, t):
-                health = await self._router.health(untried, model)
-            plan = plan_attempts(untried, health, model)
-            skipped = plan.skipped
-            if not plan.order:
+            untried = [c for c in candidates if c not in out]
+            if not untried:
                 break
-            url = plan.order[0]
-            tried.add(url)
-            for skip in skipped:
-                if skip.server not in tried and skip.reason != NOT_PROBED:
-                    logger.warning("Skipping Ollama server %s: %s", skip.server, skip.reason)
+            with _total_deadline(deadline, t):
+                found = await router.refresh(untried, key, strategy, spread=spread)
+            _note_down(found, attempts, out)
+            untried = [c for c in untried if c not in out]
+            now = router.now()
+            url = fleet.pick(untried, key, now, strategy, affinity)
+            if url is None and untried:
+                # Every candidate left is held back: see what can still be done.
+                with _total_deadline(deadline, t):
+                    step = await self._when_held(
+                        untried, key, strategy, attempts, out, forced, busy_until
+                    )
+                if step is True:
+                    continue
+                url = step
+            if url is None:
+                break
             try:
                 return await self._attempt(url, body, model, t, deadline)
-            except _ModelMissing:
-                missing_on.append(url)
-                attempts.append(Attempt(url, f"does not have model {model!r}"))
-            except _AttemptError as exc:
-                self._router.mark_down(url, exc.reason)
-                attempts.append(Attempt(url, exc.reason))
-            except _LocalWait as exc:
-                attempts.append(Attempt(url, exc.reason))
+            except _Failed as exc:
+                if exc.kind != "busy":
+                    out.add(url)
+                kind = exc.kind
+                if kind == "local":  # nothing against the server
+                    kind = "busy"
+                elif kind == "model_missing":
+                    missing_on.append(url)
+                else:
+                    router.failed(url, exc.record, exc.reason, key, model)
+                attempts.append(Attempt(url, exc.reason, kind))
         if missing_on:
             live: list[str] = []
             for url in missing_on:
-                entry = self._router.cache.get(url, self._router.now())
-                if entry is not None:
-                    live.extend(entry.models)
+                live.extend(fleet.node(url).models)
             raise ModelNotFoundError(
                 model, self.catalog.suggestions(model, extra=unique(live)), servers=missing_on
             )
-        attempts.extend(s for s in skipped if s.server not in {a.server for a in attempts})
-        raise ServerError(
-            f"No Ollama server could serve model {model!r}. Start Ollama on one of them, "
-            "or pass servers=[...] / set AICORTEX_SERVERS.",
-            attempts,
-        )
+        raise _server_error(model, _last_per_server(attempts, candidates))
+
+    async def _when_held(
+        self,
+        untried: list[str],
+        key: str,
+        strategy: Strategy,
+        attempts: list[Attempt],
+        out: set[str],
+        forced: set[str],
+        busy_until: float,
+    ) -> str | Literal[True] | None:
+        """Every candidate left is held back. Never refuse from memory alone: probe the
+        ejected servers now (soonest to recover first) and try one that answers; wait
+        for busy or full ones within ``busy_until``. A model ejected on a server that
+        works fails fast, with the reason. Returns a server to try, True to route
+        again, or None when nothing is left."""
+        router = self._router
+        fleet = router.fleet
+        now = router.now()
+        holds = sorted(((u, *fleet.hold(u, key, now)) for u in untried), key=lambda h: h[2])
+        down = [u for u, why, _ in holds if why == DOWN and u not in forced]
+        if down:
+            forced.update(down)
+            found = await router.refresh(down, key, strategy, spread=True, force=True)
+            _note_down(found, attempts, out)
+            return True
+        for u, why, until in holds:
+            if why == MODEL:
+                out.add(u)
+                attempts.append(Attempt(u, _pair_reason(fleet, u, key, until, now), "ejected"))
+            elif why == DOWN and u not in out:
+                return u  # it answered the probe just now
+        waiting = [(u, why, until) for u, why, until in holds if u not in out]
+        if not waiting:
+            return None
+        soonest = min(until for _, _, until in waiting)
+        wait = max(soonest - now, 0.005) * random.uniform(1.0, 1.25)
+        if now + wait > busy_until:
+            _note_held(waiting, fleet, attempts, out)
+            return None
+        await anyio.sleep(wait)
+        return True
 
     async def _attempt(
         self,
@@ -452,6 +563,7 @@ class AsyncCortex:
         holding = waiting = False
         response: httpx.Response | None = None
         stream: AsyncStream | None = None
+        lease: Lease | None = None
         # One limit for the first token, from here: a free slot, connecting, the
         # response head and the first chunk all count.
         with anyio.CancelScope(deadline=math.inf if limit is None else now + limit):
@@ -464,9 +576,11 @@ class AsyncCortex:
                         await slots.acquire()
                         waiting = False
                     holding = True
+                lease = router.lease(url, model, slots)
+                holding = False  # from now on the lease gives the slot back
                 response = await pool.client.send(request, stream=True)
                 if response.status_code != 200:
-                    raise self._status_error(response, await _read_capped(response))
+                    raise self._status_error(response, await _read_capped(response), model)
                 # Once the server answers, the idle limit applies between chunks.
                 timeouts["read"] = t.idle
                 stream = AsyncStream(
@@ -476,45 +590,60 @@ class AsyncCortex:
                     deadline=deadline,
                     total=t.total,
                     idle=watch_idle,
-                    on_failure=router.mark_down,
-                    on_release=None if slots is None else slots.release,
+                    lease=lease,
                     max_line=self._max_line,
                 )
-                holding = False  # from now on the stream gives the slot back
                 await stream._prime()  # pyright: ignore[reportPrivateUsage]
-                opened, stream, response = stream, None, None
+                lease.answered()
+                opened, stream, response, lease = stream, None, None, None
                 return opened
             except StartFailed as exc:
                 if not exc.deadline:
-                    raise _AttemptError(exc.reason) from None
+                    raise _Failed("failed", exc.reason, exc.record) from None
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise _Failed("unreachable", describe_error(exc, t), "unreachable") from None
             except httpx.HTTPError as exc:
-                raise _AttemptError(describe_error(exc, t)) from None
+                reason = describe_error(exc, t)
+                if response is None and _hung_up(exc):
+                    # Closed before any answer: the probe that follows tells whether
+                    # the server is gone.
+                    raise _Failed("unreachable", reason, "model") from None
+                if isinstance(exc, httpx.RemoteProtocolError):  # not HTTP: the server's fault
+                    raise _Failed("failed", reason) from None
+                raise _Failed("failed", reason, "model") from None
             finally:
                 if stream is not None:
                     await stream.aclose()
                 else:
                     await _close(response)
+                    if lease is not None:
+                        lease.release()
                 if holding and slots is not None:
                     slots.release()
         # The first token did not come in time.
         if total_binds:
             raise CortexTimeoutError("total", t.total or 0.0, server=url)
         if waiting:
-            raise _LocalWait(
+            raise _Failed(
+                "local",
                 f"no free connection within {limit:g}s: {pool.limit} requests to it were "
-                "already in flight (raise max_connections to allow more)"
+                "already in flight (raise max_connections to allow more)",
             )
-        raise _AttemptError(f"no first token within {limit:g}s")
+        raise _Failed("failed", f"no first token within {limit:g}s", "model")
 
-    def _status_error(self, response: httpx.Response, body: bytes) -> Exception:
+    def _status_error(self, response: httpx.Response, body: bytes, model: str) -> Exception:
         failure = classify_status(
             response.status_code, body, response.headers.get("content-type", "")
         )
+        status = response.status_code
         if failure.kind == "invalid":
             return ValidationError(f"Ollama rejected the request: {failure.message}")
         if failure.kind == "model_missing":
-            return _ModelMissing(failure.message)
-        return _AttemptError(failure.message)
+            return _Failed("model_missing", f"does not have model {model!r}")
+        if status in (429, 503):
+            return _Failed("busy", failure.message, "busy")
+        # HTTP 500 is how Ollama reports a model that failed to load or crashed.
+        return _Failed("failed", failure.message, "model" if status == 500 else "failed")
 
     # -- live information ----------------------------------------------------
 
@@ -524,7 +653,8 @@ class AsyncCortex:
         """Probe every candidate server for ``model`` now, concurrently."""
         self._router.check_open()
         candidates = self.candidates(model, server_url)
-        health = await self._router.health(candidates, model, fresh=True)
+        key = model_key(model) if model else ""
+        health = await self._router.refresh(candidates, key, self._routing, spread=True, force=True)
         return [ServerInfo.from_health(health[url], model) for url in candidates if url in health]
 
     async def server_info(
@@ -543,6 +673,14 @@ class AsyncCortex:
             if info.up:
                 return info
         return infos[0]
+
+    def server_states(self) -> list[ServerState]:
+        """What this client knows about each server now, without probing: the
+        configured servers first, then any other it has talked to."""
+        router = self._router
+        urls = unique([*self.candidates(), *router.fleet.nodes])
+        now = router.now()
+        return [router.fleet.snapshot(url, now) for url in urls]
 
     # -- offline helpers -----------------------------------------------------
 
@@ -615,6 +753,7 @@ async def whole_answer(
     tools: Sequence[Mapping[str, Any]] | None = None,
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
+    affinity: str | None = None,
 ) -> AsyncStream:
     """A chat's whole answer as a finished :class:`AsyncStream`: its text, thinking,
     tool calls and stats, with the same retries as ``chat()`` without streaming."""
@@ -626,22 +765,100 @@ async def whole_answer(
         tools=tools,
         think=think,
         keep_alive=keep_alive,
+        affinity=affinity,
     )
     return await cortex._collect(call)  # pyright: ignore[reportPrivateUsage]
 
 
-class _LocalWait(Exception):
-    """Every local connection slot of a server stayed busy: nothing against the server."""
+class _Failed(Exception):
+    """One attempt failed: ``kind`` for the :class:`Attempt` (``local``: no free local
+    connection, which says nothing about the server), ``record`` for its state machine."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(
+        self, kind: AttemptKind | Literal["local"], reason: str, record: FailureKind = "failed"
+    ) -> None:
+        self.kind: AttemptKind | Literal["local"] = kind
         self.reason = reason
+        self.record: FailureKind = record
         super().__init__(reason)
 
 
-class _AttemptError(Exception):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
+_MAX_BUSY_WAIT = 60.0  # when there is no first-token or total limit
+
+
+def _note_down(found: Mapping[str, Health], attempts: list[Attempt], out: set[str]) -> None:
+    """Servers a probe just found down are out of this request, with the probe's reason."""
+    for url, health in found.items():
+        if not health.up and url not in out:
+            out.add(url)
+            attempts.append(Attempt(url, health.error or "probe failed", "unreachable"))
+
+
+def _hung_up(exc: httpx.HTTPError) -> bool:
+    """Whether the connection was closed or reset under the request (as opposed to an
+    answer that is not HTTP, or a timeout)."""
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError)):
+        return True
+    # httpx: "Server disconnected without sending a response."; aiohttp: "Server disconnected"
+    return isinstance(exc, httpx.RemoteProtocolError) and "disconnected" in str(exc).lower()
+
+
+def _pair_reason(fleet: Fleet, url: str, key: str, until: float, now: float) -> str:
+    pair = fleet.node(url).pairs[key]
+    return (
+        f"model ejected here for {until - now:.1f}s more after failing "
+        f"{FAILURES_TO_EJECT} times in a row (last: {pair.reason})"
+    )
+
+
+def _note_held(
+    holds: Sequence[tuple[str, str, float]], fleet: Fleet, attempts: list[Attempt], out: set[str]
+) -> None:
+    """The servers still held back when a request gives up waiting, as attempts."""
+    for url, why, _ in holds:
+        if why == DOWN:
+            out.add(url)
+        elif not any(a.server == url and a.kind == "busy" for a in attempts):
+            node = fleet.node(url)
+            if why == FULL:
+                reason = f"at its max_concurrency ({node.inflight} requests in flight)"
+            else:
+                reason = node.error or "busy"
+            attempts.append(Attempt(url, reason, "busy"))
+
+
+def _busy_limit(t: Timeout, deadline: float | None) -> float:
+    """Until when (on the routing clock) a request may wait for busy servers."""
+    limit = t.first_token if t.first_token is not None else _MAX_BUSY_WAIT
+    if deadline is not None:
+        limit = min(limit, deadline - anyio.current_time())
+    return time.monotonic() + limit
+
+
+def _last_per_server(attempts: Sequence[Attempt], candidates: Sequence[str]) -> list[Attempt]:
+    """One attempt per server, its last, in preference order."""
+    last: dict[str, Attempt] = {}
+    for attempt in attempts:
+        last[attempt.server] = attempt
+    rank = {url: i for i, url in enumerate(candidates)}
+    return sorted(last.values(), key=lambda a: rank.get(a.server, len(rank)))
+
+
+def _server_error(model: str, attempts: list[Attempt]) -> ServerError:
+    kinds = {a.kind for a in attempts}
+    if kinds and kinds <= {"unreachable", "ejected"}:
+        return ServerError(
+            f"No Ollama server answered for model {model!r}. Start Ollama, or check the "
+            f"server URLs ({NO_SERVER_ADVICE}).",
+            attempts,
+        )
+    if kinds == {"busy"}:
+        return ServerError(
+            f"Every Ollama server for model {model!r} was busy, until the first-token limit. "
+            "Try again later, add servers, or raise OLLAMA_MAX_QUEUE on them.",
+            attempts,
+        )
+    return ServerError(f"The Ollama servers could not serve model {model!r}.", attempts)
 
 
 class _total_deadline:

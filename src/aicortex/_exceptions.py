@@ -27,6 +27,7 @@ from typing import Literal
 __all__ = [
     "AICortexError",
     "Attempt",
+    "AttemptKind",
     "CortexTimeoutError",
     "ModelNotFoundError",
     "ServerError",
@@ -68,12 +69,22 @@ class ModelNotFoundError(AICortexError):
         super().__init__(message)
 
 
+AttemptKind = Literal["unreachable", "failed", "busy", "model_missing", "ejected"]
+
+
 @dataclass(frozen=True)
 class Attempt:
-    """One server that was tried (or skipped) and why it could not serve."""
+    """One server that was tried (or skipped) and why it could not serve.
+
+    ``kind`` sorts the reason: ``unreachable`` (no connection, or its probe failed),
+    ``failed`` (it answered, but with an error or a broken answer), ``busy`` (HTTP 503
+    or 429, or no free local connection), ``model_missing`` (it lacks the model),
+    ``ejected`` (skipped: it failed recently and was not contacted this time).
+    """
 
     server: str
     reason: str
+    kind: AttemptKind = "failed"
 
     def __str__(self) -> str:
         return f"{self.server}: {self.reason}"

@@ -1,19 +1,13 @@
-"""Server health: what a probe found, how long it stays true, and which server to try first.
-
-Everything here is pure (time is passed in), so the rules are tested without a network.
-"""
+"""What a probe of a server found."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ._exceptions import Attempt
 from ._protocol import model_key
 
-NOT_PROBED = "not probed"
-
-__all__ = ["NOT_PROBED", "Health", "HealthCache", "Plan", "ServerInfo", "plan_attempts", "unique"]
+__all__ = ["Health", "ServerInfo", "unique"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +48,11 @@ class Health:
     def down(cls, url: str, reason: str, *, checked_at: float) -> Health:
         return cls(url, False, checked_at, error=reason)
 
+    @property
+    def keys(self) -> frozenset[str]:
+        """The listed models, as :func:`model_key` compares them."""
+        return self._keys
+
     def has_model(self, model: str) -> bool:
         """Whether the server listed ``model`` (names compared the way Ollama does)."""
         return model_key(model) in self._keys
@@ -91,91 +90,6 @@ class ServerInfo:
         )
 
 
-class HealthCache:
-    """Probe results per server, each trusted for ``ttl`` seconds."""
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self._entries: dict[str, Health] = {}
-
-    def get(self, url: str, now: float) -> Health | None:
-        """The entry for ``url`` if it is younger than the TTL."""
-        entry = self._entries.get(url)
-        if entry is None or now - entry.checked_at >= self.ttl:
-            return None
-        return entry
-
-    def latest(self, url: str) -> Health | None:
-        """The newest entry for ``url``, however old."""
-        return self._entries.get(url)
-
-    def put(self, health: Health) -> None:
-        self._entries[health.url] = health
-
-    def mark_down(self, url: str, reason: str, now: float) -> None:
-        """Record that a real request to ``url`` just failed."""
-        self._entries[url] = Health.down(url, reason, checked_at=now)
-
-    def stale(self, urls: Iterable[str], now: float) -> list[str]:
-        """The servers among ``urls`` that need a probe."""
-        return [u for u in urls if self.get(u, now) is None]
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __contains__(self, url: object) -> bool:
-        return url in self._entries
-
-
 def unique(urls: Iterable[str]) -> list[str]:
     """``urls`` without repeats, first occurrence kept."""
     return list(dict.fromkeys(urls))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Servers to try, best first, and the ones skipped with the reason."""
-
-    order: list[str]
-    skipped: list[Attempt]
-
-
-def plan_attempts(
-    candidates: Sequence[str], health: Mapping[str, Health], model: str | None
-) -> Plan:
-    """Order ``candidates`` for a request for ``model``.
-
-    Healthy servers that list the model come first, then healthy servers that do
-    not (their list may be stale, or they serve the model under another name);
-    each group keeps the caller's preference order. Servers that are down, or
-    whose probe never finished, are skipped with their reason.
-    """
-    with_model: list[str] = []
-    without_model: list[str] = []
-    skipped: list[Attempt] = []
-    for url in candidates:
-        entry = health.get(url)
-        if entry is None:
-            skipped.append(Attempt(url, NOT_PROBED))
-        elif not entry.up:
-            skipped.append(Attempt(url, entry.error or "down"))
-        elif model is None or entry.has_model(model):
-            with_model.append(url)
-        else:
-            without_model.append(url)
-    return Plan(with_model + without_model, skipped)
-
-
-def decided(candidates: Sequence[str], health: Mapping[str, Health], model: str | None) -> bool:
-    """Whether probing more servers could no longer change the first choice.
-
-    True once a server that is up and lists the model has every server before it
-    (in preference order) already settled.
-    """
-    for url in candidates:
-        entry = health.get(url)
-        if entry is None:
-            return False
-        if entry.up and (model is None or entry.has_model(model)):
-            return True
-    return False

@@ -1,24 +1,29 @@
-"""Concurrent health probing of Ollama servers, over each server's :class:`Pool`."""
+"""The I/O side of routing: each server's :class:`Pool`, concurrent probes, and the
+bookkeeping of requests in flight."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import anyio
 import httpx
 
 from ._config import Timeout
-from ._health import Health, HealthCache, decided
+from ._health import Health
 from ._pools import DEFAULT_LIMITS, HttpChoice, Pool, TransportName, make_pool, pick_transport
-from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH
+from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH, model_key
+from ._routing import FailureKind, Fleet, Node, Server, Strategy
+from ._stream import current_loop, run_soon
 
-__all__ = ["Router", "describe_error", "request_timeouts"]
+__all__ = ["Lease", "Router", "describe_error", "request_timeouts"]
 
 logger = logging.getLogger("aicortex")
+
+PS_PATH = "/api/ps"  # the models loaded in memory
 
 
 def request_timeouts(t: Timeout, transport: TransportName) -> dict[str, float | None]:
@@ -82,7 +87,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 class Router:
-    """Owns one :class:`Pool` per server and the health cache.
+    """Owns one :class:`Pool` per server and the :class:`Fleet` of their states.
 
     All methods run on the event loop that created the router.
     """
@@ -95,15 +100,18 @@ class Router:
         headers: Mapping[str, str] | None = None,
         http: HttpChoice = "auto",
         limits: httpx.Limits = DEFAULT_LIMITS,
+        servers: Iterable[Server] = (),
     ) -> None:
         self.timeout = timeout
-        self.cache = HealthCache(health_ttl)
+        self.fleet = Fleet(health_ttl, servers)
         self.http: HttpChoice = http
         self.limits = limits
         self._headers = dict(headers or {})
         self._pools: dict[str, Pool] = {}
         self._chat_templates: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
         self._inflight: dict[str, anyio.Event] = {}
+        self._probed: dict[str, Health] = {}  # the last probe of each server
+        self._background: set[anyio.CancelScope] = set()  # probes no request waits for
         self._closed = False
 
     @staticmethod
@@ -169,19 +177,33 @@ class Router:
             template = self._chat_templates[url] = (sample.url, headers)
         return _json_request(*template, content, timeouts)
 
-    def mark_down(self, url: str, reason: str) -> None:
-        """Record a failed real request: ``url`` is skipped until its next probe."""
-        logger.warning("Ollama server %s failed: %s; marking it down", url, reason)
-        self.cache.mark_down(url, reason, self.now())
+    def failed(
+        self,
+        url: str,
+        kind: FailureKind,
+        reason: str,
+        model: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Record a failed real request to ``url`` in its state machine."""
+        if self.fleet.failed(url, kind, reason, self.now(), model, name):
+            what = f"model {name!r} on {url}" if kind == "model" else url
+            logger.warning("Ejecting %s: %s", what, reason)
+        else:
+            logger.info("Ollama server %s failed (%s): %s", url, kind, reason)
+        if kind == "model":
+            # Did the model fail, or the server? A probe tells, before the next request.
+            self.probe_soon(url)
 
     async def probe(self, url: str) -> Health:
-        """Probe one server (``GET /api/tags`` and ``/api/version`` at once, on the probe
-        connections of its pool); cache the result."""
+        """Probe one server (``GET /api/tags``, ``/api/version`` and ``/api/ps`` at once,
+        on the probe connections of its pool); record the result."""
         client = self.pool(url).probes
         probe_timeout = self.timeout.probe
         started = self.now()
         tags: dict[str, Any] = {}
         version: list[str] = []
+        loaded: list[list[str]] = []
         failure: list[str] = []
 
         async def get_tags() -> None:
@@ -193,31 +215,36 @@ class Router:
             if response.status_code != 200:
                 failure.append(f"probe GET {TAGS_PATH} answered HTTP {response.status_code}")
                 return
-            try:
-                data = response.json()
-            except ValueError:
-                data = None
-            if not isinstance(data, dict):
+            data = _json_object(response)
+            if data is None:
                 failure.append(f"probe GET {TAGS_PATH} did not answer with Ollama's JSON")
                 return
-            tags.update(cast("dict[str, Any]", data))
+            tags.update(data)
 
-        async def get_version() -> None:
+        async def get_optional(path: str) -> None:
             try:
-                response = await client.get(VERSION_PATH)
-                data = response.json() if response.status_code == 200 else None
-            except Exception:  # the version is optional
+                response = await client.get(path)
+            except Exception:  # the version and the loaded models are extras
                 return
-            if isinstance(data, dict):
-                value = cast("dict[str, Any]", data).get("version")
-                if isinstance(value, str):
-                    version.append(value)
+            data = _json_object(response) if response.status_code == 200 else None
+            if data is None:
+                return
+            if path == PS_PATH:
+                loaded.append(_model_names(data.get("models")))
+            elif isinstance(value := data.get("version"), str):
+                version.append(value)
 
         health: Health
-        with anyio.move_on_after(probe_timeout) as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(get_tags)
-                tg.start_soon(get_version)
+        node = self.fleet.node(url)
+        node.probing = True
+        try:
+            with anyio.move_on_after(probe_timeout) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(get_tags)
+                    tg.start_soon(get_optional, VERSION_PATH)
+                    tg.start_soon(get_optional, PS_PATH)
+        finally:
+            node.probing = False
         now = self.now()
         if scope.cancelled_caught and not tags and not failure:
             health = Health.down(url, f"probe timed out after {probe_timeout:g}s", checked_at=now)
@@ -231,70 +258,155 @@ class Router:
                 version=version[0] if version else None,
                 models=_model_names(tags.get("models")),
             )
-        self.cache.put(health)
-        if not health.up:
+        self._probed[url] = health
+        if health.up:
+            self.fleet.probed(
+                url,
+                now,
+                latency=health.latency or 0.0,
+                version=health.version,
+                models=health.models,
+                keys=health.keys,
+                loaded=frozenset(model_key(n) for n in loaded[0]) if loaded else None,
+            )
+        else:
+            self.fleet.failed(url, "unreachable", health.error or "probe failed", now)
             logger.warning("Ollama server %s is down: %s", url, health.error)
         return health
 
-    async def _probe_once(self, url: str) -> Health | None:
-        """Probe ``url``, or wait for a probe of it that is already running."""
+    async def probe_once(self, url: str) -> Health | None:
+        """Probe ``url``, or wait for a probe of it that is already running; None when
+        that one was cancelled."""
         running = self._inflight.get(url)
         if running is not None:
             await running.wait()
-            return self.cache.latest(url)
+            return self._probed.get(url)
         done = anyio.Event()
         self._inflight[url] = done
+        self._probed.pop(url, None)
         try:
             return await self.probe(url)
         finally:
             del self._inflight[url]
             done.set()
 
-    async def health(
-        self, candidates: Sequence[str], model: str | None, *, fresh: bool = False
-    ) -> dict[str, Health]:
-        """Health of ``candidates``, probing stale ones concurrently.
+    def probe_soon(self, url: str) -> None:
+        """Probe ``url`` in the background, unless a probe of it is already running.
 
-        Unless ``fresh`` is set, probing stops as soon as the first choice is
-        settled: a server that is up and lists the model, with every server
-        preferred over it already known.
+        Used when an ejection ends and to attribute a broken answer: no request
+        waits for it. Closing the router cancels it.
         """
-        now = self.now()
-        known: dict[str, Health] = {}
-        if not fresh:
-            for url in candidates:
-                entry = self.cache.get(url, now)
-                if entry is not None:
-                    known[url] = entry
-            if decided(candidates, known, model):
-                return known
-        stale = [u for u in candidates if u not in known]
+        if self._closed or url in self._inflight:
+            return
+        self.pool(url)
+        scope = anyio.CancelScope()
+        self._background.add(scope)
+
+        async def run() -> None:
+            try:
+                with scope:
+                    await self.probe_once(url)
+            finally:
+                self._background.discard(scope)
+
+        run_soon(current_loop(), run)
+
+    async def refresh(
+        self,
+        candidates: Sequence[str],
+        model: str,
+        strategy: Strategy,
+        *,
+        spread: bool,
+        force: bool = False,
+    ) -> dict[str, Health]:
+        """Probe the candidates that need it before routing, concurrently; with
+        ``force``, every candidate. Returns what the probes run here found.
+
+        Unless ``force`` is set, probing stops as soon as the pick is settled
+        (:meth:`Fleet.settled`).
+        """
+        fleet = self.fleet
+        if force:
+            stale = list(candidates)
+        else:
+            now = self.now()
+            stale = fleet.to_probe(candidates, now)[0]
+            if not stale or fleet.settled(candidates, model, now, strategy, spread=spread):
+                return {}
         for url in stale:
             # Pools are made here, not in the probe tasks, so that a transport that
             # cannot run on this loop raises its own ValidationError, not a group.
             self.pool(url)
+        found: dict[str, Health] = {}
 
         async with anyio.create_task_group() as tg:
 
             async def run(url: str) -> None:
-                entry = await self._probe_once(url)
-                if entry is not None:
-                    known[url] = entry
-                if not fresh and decided(candidates, known, model):
+                health = await self.probe_once(url)
+                if health is not None:
+                    found[url] = health
+                if not force and fleet.settled(
+                    candidates, model, self.now(), strategy, spread=spread
+                ):
                     tg.cancel_scope.cancel()
 
             for url in stale:
                 tg.start_soon(run, url)
-        return known
+        return found
+
+    def lease(self, url: str, model: str, slots: anyio.Semaphore | None) -> Lease:
+        """Count a request to ``url`` in flight until its :class:`Lease` is released."""
+        node = self.fleet.node(url)
+        node.inflight += 1
+        return Lease(self, node, model, slots)
 
     async def aclose(self) -> None:
-        """Close every pooled connection."""
+        """Stop the background probes and close every pooled connection."""
         self._closed = True
+        for scope in list(self._background):
+            scope.cancel()
         pools = list(self._pools.values())
         self._pools.clear()
         with anyio.CancelScope(shield=True):
             for pool in pools:
                 await pool.aclose()
+
+
+class Lease:
+    """One request in flight to a server: it reports how the request went and gives
+    back its connection slot, once."""
+
+    __slots__ = ("_done", "_model", "_node", "_router", "_slots")
+
+    def __init__(
+        self, router: Router, node: Node, model: str, slots: anyio.Semaphore | None
+    ) -> None:
+        self._router = router
+        self._node = node
+        self._model = model
+        self._slots = slots
+        self._done = False
+
+    def answered(self) -> None:
+        """The first token arrived: the server works."""
+        self._router.fleet.answered(self._node.url)
+
+    def failed(self, reason: str) -> None:
+        """The answer broke: count it against (server, model) and check the server."""
+        self._router.failed(self._node.url, "model", reason, model_key(self._model), self._model)
+
+    def release(self, completed: bool = False) -> None:
+        """The request is over (``completed``: its answer ended cleanly)."""
+        if self._done:
+            return
+        self._done = True
+        node = self._node
+        node.inflight -= 1
+        if completed:
+            self._router.fleet.served(node.url, model_key(self._model))
+        if self._slots is not None:
+            self._slots.release()
 
 
 def _json_request(
@@ -312,6 +424,14 @@ def _json_request(
     )
     request.read()  # as with content=: the body is known, so request.content works
     return request
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    return cast("dict[str, Any]", data) if isinstance(data, dict) else None
 
 
 def _model_names(models: object) -> list[str]:

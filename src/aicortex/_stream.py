@@ -18,10 +18,13 @@ from pydantic_core import from_json
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import CortexTimeoutError, StreamError
 from ._idle import IdleWatch
+from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
+from ._routing import FailureKind
 
 if TYPE_CHECKING:
     from trio.lowlevel import TrioToken
-from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
+
+    from ._router import Lease
 
 __all__ = ["DEFAULT_MAX_LINE", "AsyncStream", "StartFailed"]
 
@@ -39,14 +42,25 @@ _NEW, _RUNNING, _FINISHING, _FINISHED, _FAILED, _CLOSED = range(6)
 
 
 class StartFailed(Exception):
-    """The stream broke before its first token: the caller may try another server."""
+    """The stream broke before its first token: the caller may try another server.
+
+    ``record`` is how the server's state machine counts it: ``model`` when the
+    answer broke or reported an error (the model may be at fault), ``failed`` when
+    the server sent something that is not Ollama's chat stream.
+    """
 
     def __init__(
-        self, reason: str, *, timeout: CortexTimeoutError | None = None, deadline: bool = False
+        self,
+        reason: str,
+        *,
+        timeout: CortexTimeoutError | None = None,
+        deadline: bool = False,
+        record: FailureKind = "model",
     ) -> None:
         self.reason = reason
         self.timeout = timeout
         self.deadline = deadline  # the caller's deadline for the first token passed
+        self.record: FailureKind = record
         super().__init__(reason)
 
 
@@ -79,12 +93,12 @@ class AsyncStream:
         deadline: float | None = None,
         total: float | None = None,
         idle: float | None = None,
-        on_failure: Callable[[str, str], None] | None = None,
-        on_release: Callable[[], None] | None = None,
+        lease: Lease | None = None,
         max_line: int = DEFAULT_MAX_LINE,
     ) -> None:
         # deadline: the caller's total limit, checked at every read; idle: a gap limit
-        # the transport does not enforce itself, so this stream does.
+        # the transport does not enforce itself, so this stream does; lease: told how
+        # the answer went when it breaks or ends.
         self._response = response
         # Without a content-encoding the raw byte stream is the body: reading it
         # directly skips generator layers per chunk on the hot path.
@@ -105,9 +119,8 @@ class AsyncStream:
         # idle limit alone takes one loop timer per stream (asyncio: aiohttp pools).
         self._limited = deadline is not None
         self._watch = IdleWatch(idle) if idle is not None and deadline is None else None
-        self._loop = _current_loop()  # for closing from __del__, which cannot await
-        self._on_failure = on_failure
-        self._on_release = on_release
+        self._loop = current_loop()  # for closing from __del__, which cannot await
+        self._lease = lease
         self._lines: list[bytes] = []
         self._pos = 0
         # The start of a line still being received, in pieces (joined once, when its
@@ -252,7 +265,7 @@ class AsyncStream:
         )
         self._state = _CLOSED
         with contextlib.suppress(RuntimeError):  # the event loop is gone, and the socket
-            _run_soon(self._loop, self._release)
+            run_soon(self._loop, self._release)
 
     def __repr__(self) -> str:
         states = ["new", "running", "finishing", "finished", "failed", "closed"]
@@ -285,7 +298,7 @@ class AsyncStream:
         try:
             obj = decode_line(line)
         except BadChunk as exc:
-            raise StartFailed(str(exc)) from None
+            raise StartFailed(str(exc), record="failed") from None
         error = obj.get("error")
         if error:
             raise StartFailed(f"failed before the first token: {error}")
@@ -514,8 +527,8 @@ class AsyncStream:
         self._state = _FAILED
         # The caller's own deadline says nothing about the server's health.
         caller_limit = timeout is not None and timeout.phase == "total"
-        if self._on_failure is not None and not caller_limit:
-            self._on_failure(self._server, reason)
+        if self._lease is not None and not caller_limit:
+            self._lease.failed(reason)
         return StreamEvent(
             EventType.ERROR,
             self._model,
@@ -543,11 +556,11 @@ class AsyncStream:
                             pass
                 await self._response.aclose()
         finally:
-            if self._on_release is not None:
-                self._on_release()
+            if self._lease is not None:
+                self._lease.release(completed=drain)
 
 
-def _current_loop() -> asyncio.AbstractEventLoop | TrioToken:
+def current_loop() -> asyncio.AbstractEventLoop | TrioToken:
     """The running event loop: asyncio's loop, or trio's token for it."""
     try:
         return asyncio.get_running_loop()
@@ -557,7 +570,7 @@ def _current_loop() -> asyncio.AbstractEventLoop | TrioToken:
         return trio.lowlevel.current_trio_token()
 
 
-def _run_soon(
+def run_soon(
     loop: asyncio.AbstractEventLoop | TrioToken, func: Callable[[], Awaitable[None]]
 ) -> None:
     """Run ``func()`` as a task of ``loop``, soon, from any thread or from ``__del__``."""
