@@ -209,6 +209,25 @@ async def test_a_server_back_from_ejection_is_probed_before_traffic_returns(
     assert primary.count("/api/chat") == 1
 
 
+async def test_requests_do_not_wait_for_the_probe_of_a_server_back_from_ejection(
+    fake_ollama: FakeOllamaFactory, fast_ejections: None
+) -> None:
+    """The probe that decides whether an ejected server may return runs beside the
+    requests: with that probe taking half a second, no chat takes that long."""
+    failing = fake_ollama(chat=status(502, "bad gateway"), probe_delay=0.0)
+    spare = fake_ollama(chat=reply("spare"))
+    async with cortex(failing.url, spare.url, timeout=Timeout(probe=2.0)) as client:
+        for _ in range(3):  # three 502s in a row eject it
+            assert await client.chat("hi", model=MODEL) == "spare"
+        assert client.server_states()[0].state == "ejected"
+        failing.probe_delay = 0.5
+        for _ in range(20):
+            started = time.monotonic()
+            assert await client.chat("hi", model=MODEL) == "spare"
+            assert time.monotonic() - started < 0.3
+            await anyio.sleep(0.02)
+
+
 async def test_with_every_server_ejected_a_chat_still_contacts_them(
     fake_ollama: FakeOllamaFactory,
 ) -> None:
