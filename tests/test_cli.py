@@ -327,10 +327,13 @@ def test_chat_with_an_unknown_model_suggests_names(fake_ollama: FakeOllamaFactor
 
 
 def test_chat_with_no_reachable_server_names_each_one() -> None:
-    """Every server down is status 3, and the message names each one tried and why."""
+    """Every server down is status 3; the message names each one tried and why, and
+    says how to point the command at a server (not the Python arguments)."""
     first, second = refused_url(), refused_url()
     line = assert_one_error_line(aicortex_cmd("chat", "hi", "-s", first, "-s", second), 3)
     assert f"{first}: connection refused; {second}: connection refused" in line
+    assert "--server URL or OLLAMA_HOST" in line
+    assert "servers=" not in line
 
 
 def test_chat_with_a_malformed_server_url_is_bad_input() -> None:

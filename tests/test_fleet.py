@@ -74,16 +74,17 @@ async def test_one_broken_answer_does_not_stop_the_servers_other_models(
     """A stream that breaks mid-answer gets the server probed, and since it answers, a
     chat for another model goes through at once."""
     server = fake_ollama(models=[MODEL, OTHER], chat=PerModel({MODEL: broken}))
-    async with cortex(server.url) as client:
+    spare = fake_ollama(models=[MODEL, OTHER], chat=reply("spare"))
+    async with cortex(server.url, spare.url) as client:
         stream = await client.chat("hi", model=MODEL, stream=True)
         with pytest.raises(StreamError):
             await stream.text()
         probes = server.count("/api/tags")
         started = time.monotonic()
-        assert await client.chat("hi", model=OTHER) == "fine"
+        assert await client.chat("hi", model=OTHER) == "fine"  # not the spare
         assert time.monotonic() - started < 0.5
         assert server.count("/api/tags") == probes + 1  # the attribution probe
-        [state] = client.server_states()
+        state = client.server_states()[0]
         assert state.state == "healthy"
         assert state.ejected_models == {}
 
@@ -314,9 +315,7 @@ async def test_a_thousand_open_streams_never_get_their_server_marked_down(
     expiring, the server stays healthy and a new chat is served."""
     server = fake_ollama(chat=[*([stall_after(["x"], 1)] * 1000), reply("still here")])
     timeout = Timeout(connect=5.0, first_token=30.0, idle=60.0, probe=1.0)
-    async with cortex(
-        server.url, timeout=timeout, health_ttl=0.2, max_connections=1100
-    ) as client:
+    async with cortex(server.url, timeout=timeout, health_ttl=0.2, max_connections=1100) as client:
         streams = []
         async with anyio.create_task_group() as tg:
 
@@ -345,10 +344,10 @@ async def test_least_busy_spreads_concurrent_chats_over_the_servers(
     fake_ollama: FakeOllamaFactory,
 ) -> None:
     servers = [fake_ollama(chat=reply(["a", "b"], delay=0.05)) for _ in range(3)]
-    async with cortex(*(s.url for s in servers), routing="least_busy") as client:
-        async with anyio.create_task_group() as tg:
-            for _ in range(30):
-                tg.start_soon(client.chat, "hi")
+    client = cortex(*(s.url for s in servers), routing="least_busy")
+    async with client, anyio.create_task_group() as tg:
+        for _ in range(30):
+            tg.start_soon(client.chat, "hi")
     counts = [s.count("/api/chat") for s in servers]
     assert sum(counts) == 30
     assert all(8 <= n <= 12 for n in counts), counts
@@ -358,10 +357,9 @@ async def test_priority_keeps_everything_on_the_first_server(
     fake_ollama: FakeOllamaFactory,
 ) -> None:
     servers = [fake_ollama(chat=reply(["a", "b"], delay=0.05)) for _ in range(3)]
-    async with cortex(*(s.url for s in servers)) as client:
-        async with anyio.create_task_group() as tg:
-            for _ in range(30):
-                tg.start_soon(client.chat, "hi")
+    async with cortex(*(s.url for s in servers)) as client, anyio.create_task_group() as tg:
+        for _ in range(30):
+            tg.start_soon(client.chat, "hi")
     assert [s.count("/api/chat") for s in servers] == [30, 0, 0]
 
 

@@ -129,6 +129,12 @@ def test_ready_lists_every_upstream_and_is_200_with_one_up(
     assert by_url[down]["status"] == "down"
     assert by_url[down]["error"] == "connection refused"
     assert by_url[down]["latency_ms"] is None
+    # Each upstream's routing state, as AsyncCortex.server_states() has it.
+    assert by_url[up.url]["state"] == "healthy"
+    assert by_url[up.url]["in_flight"] == 0
+    assert by_url[up.url]["loaded"] == []
+    assert by_url[down]["state"] == "ejected"
+    assert by_url[down]["retry_in"] > 0
 
 
 def test_ready_is_503_when_every_upstream_is_down(serve: ServeFactory) -> None:
@@ -389,6 +395,27 @@ def test_a_non_streamed_answer_that_breaks_everywhere_is_503_naming_each_server(
     assert f"{second.url}: broke mid-answer" in error["message"]
 
 
+def test_one_broken_stream_does_not_take_the_servers_other_models_out(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory
+) -> None:
+    """A stream cut mid-answer: the next request, for another model, is answered by the
+    same server at once, because it still answers its probe (the spare stays idle)."""
+    other = "qwen2.5:7b"
+    server = fake_ollama(models=[MODEL, other], chat=[cut_after(["par", "tial"], 1), reply("ok")])
+    spare = fake_ollama(models=[MODEL, other])
+    url = serve(servers=[server.url, spare.url])
+    broken = httpx.post(url + "/v1/chat/completions", json={**HI, "stream": True})
+    assert broken.status_code == 200
+    assert "[DONE]" not in broken.text  # ended with an error frame
+    started = time.monotonic()
+    response = httpx.post(url + "/v1/chat/completions", json={**HI, "model": other})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "ok"
+    assert response.headers["x-aicortex-server"] == server.url
+    assert time.monotonic() - started < 0.5
+    assert spare.count("/api/chat") == 0
+
+
 def test_running_out_of_total_time_is_504_upstream_timeout(
     serve: ServeFactory, fake_ollama: FakeOllamaFactory
 ) -> None:
@@ -630,15 +657,20 @@ def test_a_lazily_created_cortex_is_closed_at_shutdown(fake_ollama: FakeOllamaFa
 
 
 def test_the_app_makes_its_cortex_with_the_transport_settings_given() -> None:
-    """http= and max_connections= reach the AsyncCortex the app creates; with a cortex
-    passed in they belong to that cortex instead."""
-    handle = create_app(servers=["http://127.0.0.1:9"], http="httpx", max_connections=3).state
+    """http=, max_connections= and routing= reach the AsyncCortex the app creates; with
+    a cortex passed in they belong to that cortex instead."""
+    handle = create_app(
+        servers=["http://127.0.0.1:9"], http="httpx", max_connections=3, routing="least_busy"
+    ).state
     cortex = handle.aicortex.cortex
     assert (cortex.http, cortex.limits.max_connections) == ("httpx", 3)
-    with pytest.raises(ValueError, match="max_connections= to the AsyncCortex"):
+    assert cortex.routing == "least_busy"
+    with pytest.raises(ValueError, match="max_connections= and routing= to the AsyncCortex"):
         create_app(AsyncCortex(), max_connections=3)
     with pytest.raises(ValidationError, match="http must be one of"):
         create_app(http="curl")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="routing must be one of"):
+        create_app(routing="fastest")  # type: ignore[arg-type]
 
 
 def test_a_cortex_passed_in_is_never_closed(fake_ollama: FakeOllamaFactory) -> None:

@@ -157,11 +157,27 @@ def test_serve_takes_the_transport_and_the_connection_limit(
     assert code == 0, err
 
 
+def test_serve_spreads_requests_by_the_routing_given(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory
+) -> None:
+    """--routing round_robin takes the servers in turn."""
+    first, second = fake_ollama(), fake_ollama()
+    proxy = run_proxy("--server", first.url, "--server", second.url, "--routing", "round_robin")
+    proxy.wait_until_up()
+    for _ in range(4):
+        response = httpx.post(proxy.url + "/v1/chat/completions", json=HI, timeout=10)
+        assert response.status_code == 200
+    assert (first.count("/api/chat"), second.count("/api/chat")) == (2, 2)
+    code, err = proxy.stop()
+    assert code == 0, err
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
         (["--max-connections", "0"], "max_connections must be a whole number >= 1"),
         (["--http", "curl"], "invalid choice: 'curl'"),
+        (["--routing", "fastest"], "invalid choice: 'fastest'"),
     ],
 )
 def test_serve_refuses_a_bad_transport_setting_before_listening(

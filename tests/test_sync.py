@@ -23,6 +23,7 @@ from aicortex import (
     Cortex,
     EventType,
     ModelNotFoundError,
+    Server,
     ServerError,
     Stream,
     StreamError,
@@ -55,7 +56,7 @@ def cortex() -> Iterator[CortexFactory]:
     """Make `Cortex(servers=[...], fallback=False)` with short timeouts; closed at teardown."""
     made: list[Cortex] = []
 
-    def make(*servers: str, **kwargs: Any) -> Cortex:
+    def make(*servers: str | Server, **kwargs: Any) -> Cortex:
         kwargs.setdefault("timeout", FAST)
         client = Cortex(servers=list(servers), fallback=False, **kwargs)
         made.append(client)
@@ -590,3 +591,29 @@ def test_a_finished_stream_keeps_its_text_after_the_cortex_closes(
         assert [e.type for e in stream] == [START, TOKEN, TOKEN, END]
     assert stream.partial_text == "Hello"
     assert stream.text() == "Hello"
+
+
+def test_the_blocking_twin_routes_and_reports_states_like_the_async_one(
+    cortex: CortexFactory, fake_ollama: FakeOllamaFactory
+) -> None:
+    """routing=, Server entries, affinity= and server_states() work the same blocking."""
+    servers = [fake_ollama() for _ in range(3)]
+    client = cortex(
+        servers[0].url,
+        Server(servers[1].url, weight=2),
+        servers[2].url,
+        routing="round_robin",
+    )
+    assert client.routing == "round_robin"
+    for _ in range(4):
+        client.chat("hi", model=MODEL)
+    assert [s.count("/api/chat") for s in servers] == [1, 2, 1]
+    with client.chat("hi", model=MODEL, stream=True, affinity="conversation-7") as first:
+        first.text()
+    with client.chat("hi", model=MODEL, stream=True, affinity="conversation-7") as again:
+        again.text()
+    assert again.server == first.server
+    states = client.server_states()
+    assert [s.url for s in states] == [s.url for s in servers]
+    assert all(s.state == "healthy" and s.in_flight == 0 for s in states)
+    assert states[1].weight == 2

@@ -58,6 +58,7 @@ def chat(
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
+    affinity: str | None = None,
 ) -> str: ...
 
 
@@ -76,6 +77,7 @@ def chat(
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
+    affinity: str | None = None,
 ) -> Stream: ...
 
 
@@ -94,6 +96,7 @@ def chat(
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
+    affinity: str | None = None,
 ) -> str | Stream: ...
 
 
@@ -111,6 +114,7 @@ def chat(
     think: bool | Literal["low", "medium", "high", "max"] | None = None,
     keep_alive: float | str | None = None,
     timeout: Timeout | None = None,
+    affinity: str | None = None,
 ) -> str | Stream:
     """Chat through the default :class:`Cortex`; see :meth:`AsyncCortex.chat`."""
     return get_default_cortex().chat(
@@ -126,6 +130,7 @@ def chat(
         think=think,
         keep_alive=keep_alive,
         timeout=timeout,
+        affinity=affinity,
     )
 
 

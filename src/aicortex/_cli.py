@@ -695,7 +695,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    text = str(exc)
+    if isinstance(exc, ServerError):
+        # The library's advice names its Python arguments; say it the command line's way.
+        from ._client import NO_SERVER_ADVICE
+
+        text = text.replace(NO_SERVER_ADVICE, "--server URL or OLLAMA_HOST")
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m aicortex._cli

@@ -31,6 +31,7 @@ from ._events import Stats, StreamEvent, ToolCall
 from ._exceptions import StreamError
 from ._health import ServerInfo
 from ._pools import HttpChoice, TransportName
+from ._routing import Server, ServerState, Strategy
 from ._stream import DEFAULT_MAX_LINE, AsyncStream
 
 __all__ = ["Cortex", "Stream"]
@@ -73,8 +74,8 @@ class Cortex:
 
     Safe to share between threads; use it as a context manager or call
     :meth:`close`. ``backend`` picks the event loop that runs it in the background
-    (``"asyncio"`` or ``"trio"``); ``http``, ``limits``, ``max_connections`` and
-    ``max_line_size`` are :class:`~aicortex.AsyncCortex`'s::
+    (``"asyncio"`` or ``"trio"``); ``routing``, ``http``, ``limits``,
+    ``max_connections`` and ``max_line_size`` are :class:`~aicortex.AsyncCortex`'s::
 
         with Cortex(servers=["http://gpu-box:11434"]) as cortex:
             print(cortex.chat("Why is the sky blue?", model="llama3.2:3b"))
@@ -82,9 +83,10 @@ class Cortex:
 
     def __init__(
         self,
-        servers: Sequence[str] | str | None = None,
+        servers: Sequence[str | Server] | str | None = None,
         *,
         model: str | None = None,
+        routing: Strategy | None = None,
         timeout: Timeout | None = None,
         health_ttl: float = DEFAULT_HEALTH_TTL,
         fallback: bool = True,
@@ -99,6 +101,7 @@ class Cortex:
         self._async = AsyncCortex(
             servers,
             model=model,
+            routing=routing,
             timeout=timeout,
             health_ttl=health_ttl,
             fallback=fallback,
@@ -176,6 +179,11 @@ class Cortex:
         return self._async.timeout
 
     @property
+    def routing(self) -> Strategy:
+        """How servers are chosen: ``"priority"``, ``"least_busy"`` or ``"round_robin"``."""
+        return self._async.routing
+
+    @property
     def http(self) -> HttpChoice:
         """The transport choice: ``"auto"``, ``"httpx"`` or ``"aiohttp"``."""
         return self._async.http
@@ -216,6 +224,7 @@ class Cortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> str: ...
 
     @overload
@@ -234,6 +243,7 @@ class Cortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> Stream: ...
 
     @overload
@@ -252,6 +262,7 @@ class Cortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> str | Stream: ...
 
     def chat(
@@ -269,6 +280,7 @@ class Cortex:
         think: bool | Literal["low", "medium", "high", "max"] | None = None,
         keep_alive: float | str | None = None,
         timeout: Timeout | None = None,
+        affinity: str | None = None,
     ) -> str | Stream:
         """Blocking :meth:`AsyncCortex.chat`: the text, or a :class:`Stream` if ``stream=True``."""
         kwargs: dict[str, Any] = {
@@ -282,6 +294,7 @@ class Cortex:
             "think": think,
             "keep_alive": keep_alive,
             "timeout": timeout,
+            "affinity": affinity,
         }
         if stream:
 
@@ -304,6 +317,10 @@ class Cortex:
     ) -> list[ServerInfo]:
         """Blocking :meth:`AsyncCortex.probe_servers`."""
         return self._run(functools.partial(self._async.probe_servers, model, server_url=server_url))
+
+    def server_states(self) -> list[ServerState]:
+        """Blocking :meth:`AsyncCortex.server_states` (read on the client's loop)."""
+        return self._portal().call(self._async.server_states)
 
     # -- offline helpers (no I/O, so no trip through the loop) ---------------
 

@@ -20,6 +20,7 @@ from .._client import AsyncCortex
 from .._config import Timeout
 from .._pools import HttpChoice, connection_limits, http_choice
 from .._protocol import model_key
+from .._routing import Strategy, routing_choice
 from ._auth import KeyChecker, load_keys
 from ._errors import ProxyError
 from ._gateway import ClientGone, Gateway, Receive, Send, dumps, read_body, request_id, send_json
@@ -54,11 +55,13 @@ class CortexHandle:
         timeout: Timeout | None = None,
         http: HttpChoice | None = None,
         max_connections: int | None = None,
+        routing: Strategy | None = None,
     ) -> None:
         self._cortex = cortex
         self._servers = servers
         self._timeout = timeout
         # Checked now, so that a bad setting fails at start rather than on a first request.
+        self._routing: Strategy = routing_choice(routing)
         self._http: HttpChoice = http_choice(http)
         self._limits = connection_limits(None, max_connections)
         self.owned = cortex is None
@@ -74,6 +77,7 @@ class CortexHandle:
                 self._servers,
                 fallback=not self._servers,
                 timeout=self._timeout,
+                routing=self._routing,
                 http=self._http,
                 limits=self._limits,
             )
@@ -191,20 +195,35 @@ class _Models(_Endpoint):
 
 
 class _Ready(_Endpoint):
-    """``GET /ready``: 200 when at least one upstream is healthy, else 503."""
+    """``GET /ready``: 200 when at least one upstream answers its probe, else 503; each
+    upstream with its routing state (see :meth:`AsyncCortex.server_states`)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        infos = await self.handle.cortex.probe_servers()
-        upstreams = [
-            {
+        cortex = self.handle.cortex
+        infos = await cortex.probe_servers()
+        states = {state.url: state for state in cortex.server_states()}
+        upstreams: list[dict[str, Any]] = []
+        for info in infos:
+            upstream: dict[str, Any] = {
                 "url": info.url,
                 "status": "up" if info.up else "down",
                 "latency_ms": None if info.latency is None else round(info.latency * 1000, 1),
                 "version": info.version,
                 "error": info.error,
             }
-            for info in infos
-        ]
+            state = states.get(info.url)
+            if state is not None:
+                upstream |= {
+                    "state": state.state,
+                    "retry_in": state.retry_in,
+                    "in_flight": state.in_flight,
+                    "failures": state.failures,
+                    "loaded": None if state.loaded is None else list(state.loaded),
+                    "ejected_models": state.ejected_models,
+                }
+                if state.error and not upstream["error"]:
+                    upstream["error"] = state.error
+            upstreams.append(upstream)
         ready = any(info.up for info in infos)
         body = {"status": "ready" if ready else "unavailable", "upstreams": upstreams}
         await send_json(send, 200 if ready else 503, dumps(body))
@@ -239,6 +258,7 @@ def create_app(
     max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     http: HttpChoice | None = None,
     max_connections: int | None = None,
+    routing: Strategy | None = None,
 ) -> Starlette:
     """An OpenAI-compatible ASGI app in front of one or many Ollama servers.
 
@@ -253,7 +273,8 @@ def create_app(
     ``api_keys`` (else the lines of ``api_key_file``, else ``AICORTEX_API_KEYS``,
     comma-separated): when any key is set, every route but ``/health`` needs
     ``Authorization: Bearer <key>``. ``max_body_size``: larger bodies get 413.
-    ``http`` and ``max_connections`` go to the ``AsyncCortex`` the app creates.
+    ``routing``, ``http`` and ``max_connections`` go to the ``AsyncCortex`` the app
+    creates.
 
     Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
     created when the server shuts down (ASGI lifespan). Mounted in another app, it
@@ -275,13 +296,13 @@ def create_app(
             f"max_body_size must be a positive number of bytes, not {max_body_size!r}."
         )
     keys = KeyChecker(load_keys(api_keys, api_key_file))
-    own = (servers, timeout, http, max_connections)
+    own = (servers, timeout, http, max_connections, routing)
     if cortex is not None and any(option is not None for option in own):
         raise ValueError(
-            "Pass servers=, timeout=, http= and max_connections= to the AsyncCortex, "
-            "not to create_app()."
+            "Pass servers=, timeout=, http=, max_connections= and routing= to the "
+            "AsyncCortex, not to create_app()."
         )
-    handle = CortexHandle(cortex, servers, timeout, http, max_connections)
+    handle = CortexHandle(cortex, servers, timeout, http, max_connections, routing)
     started = int(time.time())
     models = _Models(handle, max_body_size, started)
 

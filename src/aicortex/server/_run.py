@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .._pools import HttpChoice
+    from .._routing import Strategy
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
 
@@ -31,12 +32,13 @@ def serve(
     log_level: str = "info",
     http: HttpChoice | None = None,
     max_connections: int | None = None,
+    routing: Strategy | None = None,
 ) -> None:
     """Serve the OpenAI-compatible proxy with uvicorn until interrupted (Ctrl-C).
 
     Binds to 127.0.0.1 unless told otherwise: put the proxy on a public address only
-    with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``http`` and
-    ``max_connections`` are :class:`~aicortex.AsyncCortex`'s.
+    with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``
+    and ``max_connections`` are :class:`~aicortex.AsyncCortex`'s.
     """
     try:
         import uvicorn
@@ -52,6 +54,7 @@ def serve(
         max_body_size=DEFAULT_MAX_BODY_SIZE if max_body_size is None else max_body_size,
         http=http,
         max_connections=max_connections,
+        routing=routing,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
 
@@ -93,6 +96,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "httpx-aiohttp on asyncio when installed, else httpx)",
     )
     parser.add_argument(
+        "--routing",
+        choices=["priority", "least_busy", "round_robin"],
+        help="how requests are spread over the servers (default: AICORTEX_ROUTING, else "
+        "priority: the first healthy server in order)",
+    )
+    parser.add_argument(
         "--max-connections",
         type=int,
         metavar="N",
@@ -124,6 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
             log_level=getattr(args, "log_level", "info"),
             http=getattr(args, "http", None),
             max_connections=getattr(args, "max_connections", None),
+            routing=getattr(args, "routing", None),
         )
     except (ValidationError, ValueError) as exc:
         print(f"aicortex serve: {exc}", file=sys.stderr)
