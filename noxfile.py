@@ -85,8 +85,9 @@ print("wheel OK:", aicortex.__version__, len(aicortex.models()), "models in", fa
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Client and proxy benchmarks, next to plain httpx, httpx-aiohttp, ollama-python, LiteLLM's
-    proxy and the proxy of commit 60dc620 (the last one with aicortex's own HTTP/1.1 transport)."""
+    """Client, routing and proxy benchmarks, next to plain httpx, httpx-aiohttp, ollama-python,
+    LiteLLM's proxy and the proxy of commit 60dc620 (the last one with aicortex's own HTTP/1.1
+    transport)."""
     install_project(session)
     session.install("ollama", "httpx-aiohttp")
     # The old code for bench_proxy.py's paced scenario: its src/, and the catalog it reads.
@@ -99,6 +100,7 @@ def bench(session: nox.Session) -> None:
     session.run(*git_archive, "src", "metadata", external=True)
     session.run("tar", "-x", "-f", str(archive), "-C", str(baseline), external=True)
     session.run("python", "tests/benchmarks/bench_stream.py")
+    session.run("python", "tests/benchmarks/bench_routing.py")
     # LiteLLM lives in a venv of its own so its pins cannot change what is measured.
     litellm_venv = pathlib.Path(session.virtualenv.location).parent / "bench-litellm"
     litellm_bin = litellm_venv / ("Scripts" if os.name == "nt" else "bin")

@@ -34,9 +34,9 @@ def probed(
     at: float = 0.0,
     latency: float = 0.01,
     loaded: tuple[str, ...] | None = None,
-) -> None:
+) -> list[str]:
     names = models or ("llama3.2:3b",)
-    fleet.probed(
+    return fleet.probed(
         url,
         at,
         latency=latency,
@@ -146,9 +146,9 @@ def test_a_broken_answer_counts_against_the_model_and_makes_the_server_suspect()
 def test_three_broken_answers_eject_the_pair_only() -> None:
     fleet = fleet_of(A, B)
     for i in range(3):
-        ejected = fleet.failed(A, "model", "the model crashed", float(i), M, "llama3.2:3b")
-        probed(fleet, A, "llama3.2:3b", "qwen2.5:7b", at=float(i))
-    assert ejected
+        assert not fleet.failed(A, "model", "the model crashed", float(i), M, "llama3.2:3b")
+        ejected = probed(fleet, A, "llama3.2:3b", "qwen2.5:7b", at=float(i))
+    assert ejected == ["llama3.2:3b"]
     assert fleet.pick([A, B], M, 2.5) == B
     assert fleet.pick([A, B], OTHER, 2.5) == A
     state = fleet.snapshot(A, 2.5)
@@ -159,6 +159,31 @@ def test_three_broken_answers_eject_the_pair_only() -> None:
     fleet.served(A, M)
     assert fleet.snapshot(A, 3.0).ejected_models == {}
     assert not fleet.node(A).pairs
+
+
+def test_broken_answers_count_against_the_model_only_once_a_probe_answers() -> None:
+    """A server killed under load breaks every stream it had: those count against the
+    server (its probe fails), not against its models."""
+    fleet = fleet_of(A)
+    for _ in range(30):
+        fleet.failed(A, "model", "connection dropped", 0.0, M, "llama3.2:3b")
+    assert fleet.failed(A, "unreachable", "probe: connection refused", 0.0)
+    assert probed(fleet, A, at=1.5) == []
+    assert fleet.node(A).pairs == {}
+    assert fleet.pick([A], M, 1.5) == A
+
+
+def test_failures_while_ejected_do_not_stretch_the_ejection() -> None:
+    """Many requests that were under way when a server died fail at once: one ejection
+    of one second, not thirty ejections in a row."""
+    fleet = fleet_of(A)
+    for _ in range(30):
+        fleet.failed(A, "unreachable", "connection refused", 0.0)
+    assert fleet.node(A).breaker.ejections == 1
+    assert fleet.snapshot(A, 0.0).retry_in == 1.0
+    fleet.node(A).pending = [(M, "llama3.2:3b", "x")] * 30
+    assert probed(fleet, A, at=2.0) == ["llama3.2:3b"]
+    assert fleet.node(A).pairs[M].ejections == 1
 
 
 def test_busy_backs_off_from_half_a_second_to_eight() -> None:

@@ -187,8 +187,7 @@ class Router:
     ) -> None:
         """Record a failed real request to ``url`` in its state machine."""
         if self.fleet.failed(url, kind, reason, self.now(), model, name):
-            what = f"model {name!r} on {url}" if kind == "model" else url
-            logger.warning("Ejecting %s: %s", what, reason)
+            logger.warning("Ejecting %s: %s", url, reason)
         else:
             logger.info("Ollama server %s failed (%s): %s", url, kind, reason)
         if kind == "model":
@@ -260,7 +259,7 @@ class Router:
             )
         self._probed[url] = health
         if health.up:
-            self.fleet.probed(
+            ejected = self.fleet.probed(
                 url,
                 now,
                 latency=health.latency or 0.0,
@@ -269,6 +268,8 @@ class Router:
                 keys=health.keys,
                 loaded=frozenset(model_key(n) for n in loaded[0]) if loaded else None,
             )
+            for name in ejected:
+                logger.warning("Ejecting model %r on %s: it failed 3 times in a row", name, url)
         else:
             self.fleet.failed(url, "unreachable", health.error or "probe failed", now)
             logger.warning("Ollama server %s is down: %s", url, health.error)

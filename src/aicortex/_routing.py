@@ -112,9 +112,12 @@ class Breaker:
     def fail(self, now: float, reason: str, *, at_once: bool = False) -> bool:
         """Count one failure; True when it ejects.
 
-        After an ejection, and until a success, one failure is enough.
+        After an ejection, and until a success, one failure is enough. Failures while
+        ejected (requests that were already under way) change nothing.
         """
         self.reason = reason
+        if self.until > now:
+            return False
         self.failures += 1
         if at_once or self.ejections or self.failures >= FAILURES_TO_EJECT:
             self.ejections += 1
@@ -140,11 +143,14 @@ class Node:
     breaker: Breaker = field(default_factory=Breaker)
     pairs: dict[str, Breaker] = field(default_factory=dict[str, Breaker])  # by model key
     names: dict[str, str] = field(default_factory=dict[str, str])  # key -> name as asked
+    # Broken answers (model key, name, reason) waiting for the probe that attributes them.
+    pending: list[tuple[str, str, str]] = field(default_factory=list[tuple[str, str, str]])
     busy_until: float = -math.inf
     busy_times: int = 0
     inflight: int = 0
     probed_at: float | None = None  # when a probe last answered
     suspect: bool = True  # must answer a probe before traffic goes to it
+    open_at: float = math.inf  # usable from then on (not ejected, suspect or busy)
     probing: bool = False
     keys: frozenset[str] = frozenset()  # model keys /api/tags listed
     models: tuple[str, ...] = ()
@@ -231,9 +237,11 @@ class Fleet:
         models: tuple[str, ...],
         keys: frozenset[str],
         loaded: frozenset[str] | None,
-    ) -> None:
+    ) -> list[str]:
         """A probe of ``url`` answered. An ejection still runs its time, but the server
-        no longer needs a probe before traffic returns."""
+        no longer needs a probe before traffic returns. The broken answers waiting for
+        this probe count against their (server, model) pairs now; returns the models
+        that ejects."""
         node = self.node(url)
         node.probed_at = now
         node.suspect = False
@@ -244,6 +252,17 @@ class Fleet:
         node.loaded = loaded
         if not node.breaker.until > now:
             node.error = None
+        _reopen(node)
+        ejected: list[str] = []
+        pending, node.pending = node.pending, []
+        for key, name, reason in pending:
+            pair = node.pairs.get(key)
+            if pair is None:
+                pair = node.pairs[key] = Breaker()
+                node.names[key] = name
+            if pair.fail(now, reason):
+                ejected.append(name)
+        return ejected
 
     def failed(
         self,
@@ -255,30 +274,32 @@ class Fleet:
         name: str | None = None,
     ) -> bool:
         """Record a failure of ``url`` (for ``kind="model"``, of the model key ``model``
-        on it; ``name`` is the model as asked for, for reports).
+        on it, once a probe has shown the server works; ``name`` is the model as asked
+        for, for reports).
 
-        Returns True when it ejected the server or the pair.
+        Returns True when it ejected the server.
         """
         node = self.node(url)
-        if kind == "busy":
-            node.busy_times += 1
-            node.busy_until = now + backoff(BUSY_FIRST, BUSY_MAX, node.busy_times)
-            node.error = reason
-            return False
-        if kind == "model" and model is not None:
-            # Probe the server before trusting it again: if it answers, the failure was
-            # the model's; if not, the probe ejects the server.
-            node.suspect = True
-            pair = node.pairs.get(model)
-            if pair is None:
-                pair = node.pairs[model] = Breaker()
-                node.names[model] = name or model
-            return pair.fail(now, reason)
-        ejected = node.breaker.fail(now, reason, at_once=kind == "unreachable")
-        if ejected:
-            node.suspect = True
-            node.error = reason
-        return ejected
+        try:
+            if kind == "busy":
+                node.busy_times += 1
+                node.busy_until = now + backoff(BUSY_FIRST, BUSY_MAX, node.busy_times)
+                node.error = reason
+                return False
+            if kind == "model" and model is not None:
+                # Probe the server before trusting it again: if it answers, the failure
+                # was the model's (see probed); if not, the probe ejects the server.
+                node.suspect = True
+                node.pending.append((model, name or model, reason))
+                return False
+            ejected = node.breaker.fail(now, reason, at_once=kind == "unreachable")
+            if ejected:
+                node.suspect = True
+                node.error = reason
+                node.pending.clear()  # the server failed, not its models
+            return ejected
+        finally:
+            _reopen(node)
 
     def answered(self, url: str) -> None:
         """``url`` answered a request properly (its first token arrived)."""
@@ -287,6 +308,7 @@ class Fleet:
         node.busy_times = 0
         node.busy_until = -math.inf
         node.error = None
+        _reopen(node)
 
     def served(self, url: str, model: str) -> None:
         """``url`` finished an answer of ``model``: the pair is well, the model loaded."""
@@ -345,13 +367,9 @@ class Fleet:
                 return True
         return True
 
-    def _usable(self, node: Node, model: str, now: float) -> bool:
-        if (
-            node.breaker.until > now
-            or node.suspect
-            or node.busy_until > now
-            or node.inflight >= node.cap
-        ):
+    @staticmethod
+    def _usable(node: Node, model: str, now: float) -> bool:
+        if node.open_at > now or node.inflight >= node.cap:
             return False
         if node.pairs:
             pair = node.pairs.get(model)
@@ -395,30 +413,53 @@ class Fleet:
                     fallback = url
             return fallback
         if strategy == "least_busy":
-            best: Node | None = None
-            best_key = (2, math.inf, 2, math.inf)
-            for url in candidates:
-                node = nodes.get(url)
-                if node is None or not self._usable(node, model, now):
-                    continue
-                key = (
-                    0 if model in node.keys else 1,
-                    node.inflight / node.weight,
-                    0 if node.loaded is not None and model in node.loaded else 1,
-                    node.latency,
-                )
-                if key < best_key:
-                    best, best_key = node, key
-            return None if best is None else best.url
+            return self._least_busy(candidates, model, now)
         return self._next_in_turn(candidates, model, now)
+
+    def _least_busy(self, candidates: Sequence[str], model: str, now: float) -> str | None:
+        # One pass, comparing (unlisted, load, not loaded, latency) a field at a time:
+        # most servers are passed over on the load alone.
+        nodes = self.nodes
+        best: Node | None = None
+        best_rank = 2
+        best_load = best_cold = best_latency = math.inf
+        for url in candidates:
+            node = nodes.get(url)
+            if node is None or node.open_at > now or node.inflight >= node.cap:
+                continue
+            if node.pairs and not self._usable(node, model, now):
+                continue
+            rank = 0 if model in node.keys else 1
+            if rank > best_rank:
+                continue
+            load = node.inflight / node.weight
+            loaded = node.loaded
+            if rank == best_rank:
+                if load > best_load:
+                    continue
+                if load == best_load:
+                    cold = 0 if loaded is not None and model in loaded else 1
+                    if cold > best_cold or (cold == best_cold and node.latency >= best_latency):
+                        continue
+            best, best_rank, best_load = node, rank, load
+            best_cold = 0 if loaded is not None and model in loaded else 1
+            best_latency = node.latency
+        return None if best is None else best.url
 
     def _next_in_turn(self, candidates: Sequence[str], model: str, now: float) -> str | None:
         listed: list[Node] = []
         others: list[Node] = []
+        nodes = self.nodes
         for url in candidates:
-            node = self.nodes.get(url)
-            if node is not None and self._usable(node, model, now):
-                (listed if model in node.keys else others).append(node)
+            node = nodes.get(url)
+            if node is None or node.open_at > now or node.inflight >= node.cap:
+                continue
+            if node.pairs and not self._usable(node, model, now):
+                continue
+            if model in node.keys:
+                listed.append(node)
+            else:
+                others.append(node)
         group = listed or others
         if not group:
             return None
@@ -488,6 +529,11 @@ class Fleet:
             weight=node.weight,
             max_concurrency=None if node.cap == math.inf else int(node.cap),
         )
+
+
+def _reopen(node: Node) -> None:
+    """Recompute when ``node`` may take traffic, after any change to its state."""
+    node.open_at = math.inf if node.suspect else max(node.breaker.until, node.busy_until)
 
 
 def rendezvous(key: str, weights: dict[str, float]) -> tuple[str, ...]:

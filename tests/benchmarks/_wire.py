@@ -61,10 +61,11 @@ def stream_tokens(count: int) -> list[str]:
     return [f" tok{i % 100}" for i in range(count)]
 
 
-def serve(handle: Handler, port_out: Any, backlog: int) -> None:
-    """Serve ``handle`` on a free port of 127.0.0.1 until the process ends; the port
-    goes to ``port_out`` (a multiprocessing queue). ``handle`` answers one connection;
-    a client that leaves ends it quietly, and the connection is closed after it."""
+def serve(handle: Handler, port_out: Any, backlog: int, port: int = 0) -> None:
+    """Serve ``handle`` on ``port`` (default: a free one) of 127.0.0.1 until the process
+    ends; the port goes to ``port_out`` (a multiprocessing queue). ``handle`` answers one
+    connection; a client that leaves ends it quietly, and the connection is closed after
+    it."""
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -75,7 +76,9 @@ def serve(handle: Handler, port_out: Any, backlog: int) -> None:
             writer.close()
 
     async def main() -> None:
-        server = await asyncio.start_server(connection, "127.0.0.1", 0, backlog=backlog)
+        server = await asyncio.start_server(
+            connection, "127.0.0.1", port, backlog=backlog, reuse_address=True
+        )
         port_out.put(server.sockets[0].getsockname()[1])
         async with server:
             await server.serve_forever()
