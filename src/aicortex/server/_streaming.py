@@ -149,8 +149,7 @@ async def open_stream(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
 
 async def collect(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
     """The whole answer, as a finished stream. Nothing has reached the client yet, so
-    an answer that breaks midway is asked again on the next server (the broken one is
-    marked down)."""
+    an answer that breaks midway is asked again on the next server."""
     return await whole_answer(
         cortex,
         call.messages,
