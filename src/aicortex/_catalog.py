@@ -16,6 +16,7 @@ Set ``AICORTEX_METADATA_DIR`` to read another directory instead.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.resources
 import json
 import logging
@@ -147,13 +148,8 @@ class ModelInfo:
     default: bool = False
 
     def __post_init__(self) -> None:
-        num_ctx = self.generation.get("num_ctx")
-        _check_num_ctx(
-            {
-                "context_length": self.context_length,
-                "generation": {"num_ctx": asdict(num_ctx)} if num_ctx else {},
-            }
-        )
+        generation = {key: asdict(value) for key, value in self.generation.items()}
+        _check_num_ctx({"context_length": self.context_length, "generation": generation})
 
     @classmethod
     def from_dict(cls, data: object) -> ModelInfo:
@@ -187,12 +183,8 @@ class FamilyFile:
     models: list[ModelInfo]
 
     def __post_init__(self) -> None:
-        _check_family(
-            {
-                "family": self.family,
-                "models": [{"name": m.name, "family": m.family} for m in self.models],
-            }
-        )
+        models = [{"name": m.name, "family": m.family} for m in self.models]
+        _check_family({"family": self.family, "models": models})
 
     @classmethod
     def from_dict(cls, data: object) -> FamilyFile:
@@ -238,15 +230,10 @@ def _record(fields: dict[str, dict[str, Any]], **defaults: Any) -> dict[str, Any
     out: dict[str, Any] = {}
     for name, schema in fields.items():
         if name in defaults:
-            factory = defaults[name]
-            default = {"default_factory": factory} if callable(factory) else {"default": factory}
-            out[name] = {
-                "type": "typed-dict-field",
-                "schema": {"type": "default", "schema": schema, **default},
-                "required": False,
-            }
-        else:
-            out[name] = {"type": "typed-dict-field", "schema": schema, "required": True}
+            default = defaults[name]
+            key = "default_factory" if callable(default) else "default"
+            schema = {"type": "default", "schema": schema, key: default}
+        out[name] = {"type": "typed-dict-field", "schema": schema, "required": name not in defaults}
     return {"type": "typed-dict", "fields": out, "extra_behavior": "forbid"}
 
 
@@ -289,17 +276,10 @@ def _schemas() -> dict[str, dict[str, Any]]:
     return {"range": param_range, "model": model, "family": family}
 
 
-_validators: dict[str, SchemaValidator] = {}
-
-
+@functools.cache
 def _validator(kind: str) -> SchemaValidator:
     """The compiled validator for ``kind`` (``range``, ``model`` or ``family``), built once."""
-    validator = _validators.get(kind)
-    if validator is None:
-        for key, schema in _schemas().items():
-            _validators.setdefault(key, SchemaValidator(schema))  # pyright: ignore[reportArgumentType]
-        validator = _validators[kind]
-    return validator
+    return SchemaValidator(_schemas()[kind])  # pyright: ignore[reportArgumentType]
 
 
 # --------------------------------------------------------------------------- loading
