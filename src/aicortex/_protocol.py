@@ -12,9 +12,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from ._events import Stats, ToolCall
 from ._exceptions import ValidationError
@@ -29,6 +29,7 @@ __all__ = [
     "classify_status",
     "decode_line",
     "encode_body",
+    "json_int",
     "model_key",
     "stats_from_chunk",
     "tool_calls_from_message",
@@ -39,10 +40,8 @@ TAGS_PATH = "/api/tags"
 VERSION_PATH = "/api/version"
 
 
-class Message(BaseModel):
+class Message(BaseModel, extra="allow"):
     """A chat message. Plain ``{"role": ..., "content": ...}`` dicts work too."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(extra="allow")
 
     role: str
     content: str = ""
@@ -344,19 +343,20 @@ def tool_calls_from_message(message: Mapping[str, Any]) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
-def _int(value: object) -> int | None:
+def json_int(value: object) -> int | None:
+    """``value`` if it is a JSON integer (not a boolean), else ``None``."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def stats_from_chunk(chunk: Mapping[str, Any]) -> Stats:
     """Token counts and durations of a final (``done: true``) chunk."""
     return Stats(
-        prompt_tokens=_int(chunk.get("prompt_eval_count")),
-        completion_tokens=_int(chunk.get("eval_count")),
-        total_duration=_int(chunk.get("total_duration")),
-        load_duration=_int(chunk.get("load_duration")),
-        prompt_eval_duration=_int(chunk.get("prompt_eval_duration")),
-        eval_duration=_int(chunk.get("eval_duration")),
+        prompt_tokens=json_int(chunk.get("prompt_eval_count")),
+        completion_tokens=json_int(chunk.get("eval_count")),
+        total_duration=json_int(chunk.get("total_duration")),
+        load_duration=json_int(chunk.get("load_duration")),
+        prompt_eval_duration=json_int(chunk.get("prompt_eval_duration")),
+        eval_duration=json_int(chunk.get("eval_duration")),
     )
 
 

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel
 
-from .._protocol import TAGS_PATH
+from .._protocol import TAGS_PATH, json_int
 from . import FORMAT_VERSION
 from ._common import (
     ArgumentParser,
@@ -124,10 +124,6 @@ def _strings(value: object) -> list[str]:
     return [v for v in cast("list[object]", value) if isinstance(v, str)]
 
 
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _name(tag: Mapping[str, Any]) -> str | None:
     return _str(tag.get("model")) or _str(tag.get("name"))
 
@@ -141,7 +137,7 @@ def _context_length(model_info: Mapping[str, Any], details: Mapping[str, Any]) -
     candidates += [v for k, v in model_info.items() if k.endswith(".context_length")]
     candidates.append(details.get("context_length"))  # newer /api/tags
     for value in candidates:
-        count = _count(value) or 0
+        count = json_int(value) or 0
         if count > 0:
             return count
     return None
@@ -160,7 +156,7 @@ def model_from_api(
         families=_strings(details.get("families")),
         parameter_size=_str(details.get("parameter_size")),
         quantization=_str(details.get("quantization_level")),
-        size=_count(tag.get("size")),
+        size=json_int(tag.get("size")),
         digest=_str(tag.get("digest")),
         context_length=_context_length(as_dict(show.get("model_info")), details),
         capabilities=_strings(show.get("capabilities")) or _strings(tag.get("capabilities")),
