@@ -153,6 +153,8 @@ class _Server:
 @dataclass
 class _Merge:
     files: dict[str, dict[str, Any]]
+    servers: list[_Server]
+    by_url: dict[str, _Server]
     changes: list[Change] = field(default_factory=list[Change])
     warnings: list[str] = field(default_factory=list[str])
 
@@ -164,12 +166,15 @@ def merge(
 
     Returns the new files by name (sorted), the changes and the warnings.
     """
-    state = _Merge({name: copy.deepcopy(data) for name, data in files})
     servers = [
         _Server(s.url, s.up, s.error, {model_key(m.name) for m in s.models})
         for s in fetched.servers
     ]
-    by_url = {_normal(s.url): s for s in servers}
+    state = _Merge(
+        {name: copy.deepcopy(data) for name, data in files},
+        servers,
+        {_normal(s.url): s for s in servers},
+    )
     index: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, data in state.files.items():
         for model in objects(data.get("models")):
@@ -182,26 +187,19 @@ def merge(
                 )
             else:
                 index[key] = (name, model)
-            _update_servers(state, name, model, key, servers, by_url)
+            _update_servers(state, name, model, key)
     _add_new(state, index, fetched)
     return dict(sorted(state.files.items())), state.changes, state.warnings
 
 
-def _update_servers(
-    state: _Merge,
-    file: str,
-    model: dict[str, Any],
-    key: str,
-    servers: list[_Server],
-    by_url: dict[str, _Server],
-) -> None:
+def _update_servers(state: _Merge, file: str, model: dict[str, Any], key: str) -> None:
     name = str(model.get("name", ""))
     raw: object = model.get("servers")
     entries = cast("list[object]", raw) if isinstance(raw, list) else []
     listed: set[str] = set()
     for entry in objects(entries):
         url = str(entry.get("url", ""))
-        server = by_url.get(_normal(url))
+        server = state.by_url.get(_normal(url))
         if server is None:
             continue
         listed.add(_normal(server.url))
@@ -213,7 +211,7 @@ def _update_servers(
             state.changes.append(
                 Change(file=file, model=name, change="status", server=url, detail=detail)
             )
-    for server in servers:
+    for server in state.servers:
         if server.up and key in server.keys and _normal(server.url) not in listed:
             entries.append({"url": server.url, "status": "up"})
             listed.add(_normal(server.url))
@@ -251,11 +249,7 @@ def _add_new(
             file = families.get(family) or _new_file(state, family)
             families.setdefault(family, file)
             bases.setdefault(_base(found.name), family)
-            holders = [
-                s.url
-                for s in fetched.servers
-                if s.up and key in {model_key(m.name) for m in s.models}
-            ]
+            holders = [s.url for s in state.servers if s.up and key in s.keys]
             model = _new_model(found, family, holders)
             state.files[file].setdefault("models", []).append(model)
             index[key] = (file, model)
