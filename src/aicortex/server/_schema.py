@@ -186,15 +186,13 @@ def field_path(loc: tuple[int | str, ...]) -> str:
 def describe(exc: pydantic.ValidationError) -> ProxyError:
     """One 400 for the first field at fault, named as OpenAI names it (``messages[1].content``)."""
     errors = exc.errors(include_url=False)
-    first = errors[0]
-    top = first["loc"][0] if first["loc"] else None
-    group = [e for e in errors if (e["loc"][0] if e["loc"] else None) == top]
-    paths = [field_path(e["loc"]) for e in group]
+    group = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
     depth = max(len(e["loc"]) for e in group)
     # In a union the member that got furthest is the one the client meant.
-    deepest = [(p, e) for p, e in zip(paths, group, strict=True) if len(e["loc"]) == depth]
-    path, error = deepest[0]
-    same = [e for p, e in deepest if p == path]
+    deepest = [e for e in group if len(e["loc"]) == depth]
+    error = deepest[0]
+    path = field_path(error["loc"])
+    same = [e for e in deepest if field_path(e["loc"]) == path]
     if error["type"] == "missing":
         return missing(path)
     if all(e["type"] in _EXPECTED or e["type"] == "literal_error" for e in same):
