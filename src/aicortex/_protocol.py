@@ -30,6 +30,8 @@ __all__ = [
     "decode_line",
     "encode_body",
     "json_int",
+    "json_object",
+    "json_objects",
     "model_key",
     "stats_from_chunk",
     "tool_calls_from_message",
@@ -312,14 +314,8 @@ def decode_line(line: bytes) -> dict[str, Any]:
 
 def tool_calls_from_message(message: Mapping[str, Any]) -> tuple[ToolCall, ...]:
     """The complete tool calls carried by a chat message, if any."""
-    raw = message.get("tool_calls")
-    if not raw or not isinstance(raw, list):
-        return ()
     calls: list[ToolCall] = []
-    for item in cast("list[object]", raw):
-        if not isinstance(item, dict):
-            continue
-        entry = cast("dict[str, Any]", item)
+    for entry in json_objects(message.get("tool_calls")):
         function = entry.get("function")
         if not isinstance(function, dict):
             continue
@@ -341,6 +337,18 @@ def tool_calls_from_message(message: Mapping[str, Any]) -> tuple[ToolCall, ...]:
             )
         )
     return tuple(calls)
+
+
+def json_object(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else ``{}``."""
+    return cast("dict[str, Any]", value) if isinstance(value, dict) else {}
+
+
+def json_objects(value: object) -> list[dict[str, Any]]:
+    """The JSON objects in a JSON list (nothing for anything else)."""
+    if not isinstance(value, list):
+        return []
+    return [cast("dict[str, Any]", v) for v in cast("list[object]", value) if isinstance(v, dict)]
 
 
 def json_int(value: object) -> int | None:
@@ -386,15 +394,11 @@ def error_text(body: bytes) -> str:
         obj = json.loads(text)
     except ValueError:
         return text
-    if isinstance(obj, dict):
-        err = cast("dict[str, Any]", obj).get("error")
-        if isinstance(err, str):
-            return err
-        if isinstance(err, dict):
-            message = cast("dict[str, Any]", err).get("message")
-            if isinstance(message, str):
-                return message
-    return text
+    error: object = json_object(obj).get("error")
+    if isinstance(error, str):
+        return error
+    message: object = json_object(error).get("message")
+    return message if isinstance(message, str) else text
 
 
 def classify_status(status: int, body: bytes, content_type: str) -> Failure:

@@ -129,18 +129,6 @@ def write_report(report: BaseModel, target: str | None) -> None:
     write_text(dump_json(report.model_dump(mode="json")), target)
 
 
-def as_dict(data: object) -> dict[str, Any]:
-    """``data`` if it is a JSON object, else ``{}``."""
-    return cast("dict[str, Any]", data) if isinstance(data, dict) else {}
-
-
-def objects(value: object) -> list[dict[str, Any]]:
-    """The JSON objects in a JSON list (nothing for anything else)."""
-    if not isinstance(value, list):
-        return []
-    return [cast("dict[str, Any]", v) for v in cast("list[object]", value) if isinstance(v, dict)]
-
-
 def tool_router(connect: float, timeout: float) -> Router:
     """A router without a health cache that sends ``OLLAMA_API_KEY`` as a bearer token."""
     from .._config import Timeout, env_api_key

@@ -50,11 +50,11 @@ from typing import Literal, cast
 from pydantic import BaseModel
 
 from .._exceptions import ValidationError
+from .._protocol import json_objects
 from . import FORMAT_VERSION, ToolError, catalog_directory, read_family_files
 from ._common import (
     ArgumentParser,
     add_output_argument,
-    objects,
     parse_json,
     positive_seconds,
     read_text,
@@ -104,8 +104,8 @@ def catalog_servers(directory: Path) -> list[str]:
     """Every server URL the catalog's files list, in file and model order, without repeats."""
     urls: list[str] = []
     for _, data in read_family_files(directory):
-        for model in objects(data.get("models")):
-            for entry in objects(model.get("servers")):
+        for model in json_objects(data.get("models")):
+            for entry in json_objects(model.get("servers")):
                 url: object = entry.get("url")
                 if isinstance(url, str) and url not in urls:
                     urls.append(url)

@@ -52,11 +52,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel
 
-from .._protocol import TAGS_PATH, json_int
+from .._protocol import TAGS_PATH, json_int, json_object, json_objects
 from . import FORMAT_VERSION
 from ._common import (
     ArgumentParser,
-    as_dict,
     positive_seconds,
     read_document,
     run_all,
@@ -148,8 +147,8 @@ def model_from_api(
 ) -> FetchedModel:
     """Combine one ``/api/tags`` entry and its ``/api/show`` answer (pure)."""
     show = show or {}
-    shown = {k: v for k, v in as_dict(show.get("details")).items() if v not in (None, "")}
-    details = {**as_dict(tag.get("details")), **shown}
+    shown = {k: v for k, v in json_object(show.get("details")).items() if v not in (None, "")}
+    details = {**json_object(tag.get("details")), **shown}
     return FetchedModel(
         name=_name(tag) or "",
         family=_str(details.get("family")),
@@ -158,7 +157,7 @@ def model_from_api(
         quantization=_str(details.get("quantization_level")),
         size=json_int(tag.get("size")),
         digest=_str(tag.get("digest")),
-        context_length=_context_length(as_dict(show.get("model_info")), details),
+        context_length=_context_length(json_object(show.get("model_info")), details),
         capabilities=_strings(show.get("capabilities")) or _strings(tag.get("capabilities")),
         error=error,
     )
@@ -175,7 +174,7 @@ async def _get_json(router: Router, address: str, method: str, path: str, **kw: 
     if response.status_code != 200:
         detail = ""
         try:
-            message: object = as_dict(response.json()).get("error")
+            message: object = json_object(response.json()).get("error")
             detail = f": {message}" if isinstance(message, str) else ""
         except ValueError:
             pass
@@ -195,11 +194,10 @@ async def _fetch_server(router: Router, server: ServerCheck, concurrency: int) -
 
     address = server.address
     try:
-        tags = as_dict(await _get_json(router, address, "GET", TAGS_PATH))
+        tags = json_object(await _get_json(router, address, "GET", TAGS_PATH))
     except _Failed as exc:
         _logger.warning("Skipping Ollama server %s: %s", server.url, exc)
         return ServerModels(url=server.url, address=address, up=False, error=str(exc))
-    entries = [as_dict(e) for e in cast("list[object]", tags.get("models") or []) if e]
     limiter = anyio.CapacityLimiter(concurrency)
 
     async def show(entry: dict[str, Any]) -> FetchedModel:
@@ -210,9 +208,9 @@ async def _fetch_server(router: Router, server: ServerCheck, concurrency: int) -
             except _Failed as exc:
                 _logger.warning("Ollama server %s: no details for %s: %s", server.url, name, exc)
                 return model_from_api(entry, None, str(exc))
-        return model_from_api(entry, as_dict(answer))
+        return model_from_api(entry, json_object(answer))
 
-    models = await run_all([e for e in entries if _name(e)], show)
+    models = await run_all([e for e in json_objects(tags.get("models")) if _name(e)], show)
     return ServerModels(url=server.url, address=address, up=True, models=models)
 
 

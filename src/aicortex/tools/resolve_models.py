@@ -60,10 +60,10 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel
 
 from .._exceptions import ValidationError
-from .._protocol import model_key
+from .._protocol import json_objects, model_key
 from .._urls import normalize_host
 from . import FORMAT_VERSION, catalog_directory, read_family_files
-from ._common import ArgumentParser, objects, read_document, run_tool, step_parser, write_report
+from ._common import ArgumentParser, read_document, run_tool, step_parser, write_report
 from .fetch_models import FetchedModel, FetchReport
 
 __all__ = ["Change", "ResolvedCatalog", "human_size", "main", "merge", "resolve"]
@@ -177,7 +177,7 @@ def merge(
     )
     index: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, data in state.files.items():
-        for model in objects(data.get("models")):
+        for model in json_objects(data.get("models")):
             key = model_key(str(model.get("name", "")))
             first = index.get(key)
             if first is not None:
@@ -197,7 +197,7 @@ def _update_servers(state: _Merge, file: str, model: dict[str, Any], key: str) -
     raw: object = model.get("servers")
     entries = cast("list[object]", raw) if isinstance(raw, list) else []
     listed: set[str] = set()
-    for entry in objects(entries):
+    for entry in json_objects(entries):
         url = str(entry.get("url", ""))
         server = state.by_url.get(_normal(url))
         if server is None:
