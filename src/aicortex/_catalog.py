@@ -181,10 +181,9 @@ class FamilyFile:
 
 
 def _record(cls: type[Any], fields: dict[str, dict[str, Any]], **defaults: Any) -> dict[str, Any]:
-    """A schema that builds ``cls(**data)`` from an object with exactly ``fields``.
+    """A schema for ``cls(**data)`` from an object with exactly ``fields`` (``defaults``: optional).
 
-    ``defaults`` makes fields optional. A ``ValueError`` from the class's own
-    checks becomes a validation error at the object's place.
+    A ``ValueError`` from the class's checks becomes a validation error at the object's place.
     """
     out: dict[str, Any] = {}
     for name, schema in fields.items():
@@ -546,10 +545,7 @@ _default_lock = threading.Lock()
 def default_catalog() -> Catalog:
     """The process-wide catalog over :func:`metadata_dir`, created on first call."""
     global _default_catalog
-    catalog = _default_catalog
-    if catalog is None:
-        with _default_lock:
-            catalog = _default_catalog
-            if catalog is None:
-                catalog = _default_catalog = Catalog()
-    return catalog
+    with _default_lock:
+        if _default_catalog is None:
+            _default_catalog = Catalog()
+        return _default_catalog

@@ -209,12 +209,11 @@ def to_chat_call(request: ChatRequest) -> ChatCall:
     if request.tools and request.tool_choice != "none":
         tools = [t.model_dump(by_alias=True, exclude_unset=True) for t in request.tools]
 
-    stream_options = request.stream_options
     return ChatCall(
         model=request.model,
         messages=messages,
         stream=bool(request.stream),
-        include_usage=bool(stream_options and stream_options.include_usage),
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
         options=options or None,
         format=fmt,
         tools=tools,

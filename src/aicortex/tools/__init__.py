@@ -80,12 +80,11 @@ def catalog_directory(directory: str | os.PathLike[str] | None = None) -> Path:
     if directory is None:
         from .._catalog import metadata_dir
 
-        found = metadata_dir()
-        if not isinstance(found, Path):
+        path = metadata_dir()
+        if not isinstance(path, Path):
             raise ToolError(
-                f"The catalog at {found} is not a directory on disk; pass --metadata-dir."
+                f"The catalog at {path} is not a directory on disk; pass --metadata-dir."
             )
-        path = found
     else:
         path = Path(directory).expanduser()
     if not path.is_dir():

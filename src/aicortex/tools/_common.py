@@ -147,10 +147,7 @@ async def run_all(
     work: Callable[[_Item], Awaitable[_Result]],
     on_result: Callable[[_Result], None] | None = None,
 ) -> list[_Result]:
-    """``work`` on every item at once; the results in item order.
-
-    ``on_result`` is called with each result as soon as it is there.
-    """
+    """``work`` on every item at once; results in item order, each to ``on_result`` when done."""
     import anyio
 
     results: dict[int, _Result] = {}
