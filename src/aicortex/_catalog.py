@@ -16,6 +16,7 @@ Set ``AICORTEX_METADATA_DIR`` to read another directory instead.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.resources
 import json
 import logging
@@ -77,19 +78,6 @@ class ServerEntry:
         return asdict(self)
 
 
-def _check_range(data: dict[str, Any]) -> dict[str, Any]:
-    low, default, high = data["min"], data["default"], data["max"]
-    if not low <= default <= high:
-        raise ValueError(
-            f"min <= default <= max does not hold (min={low}, default={default}, max={high})"
-        )
-    if isinstance(default, int) and not (isinstance(low, int) and isinstance(high, int)):
-        raise ValueError(
-            f"default {default} is an integer, so min ({low}) and max ({high}) must be integers too"
-        )
-    return data
-
-
 @dataclass(frozen=True)
 class ParamRange:
     """A generation parameter's default and allowed range.
@@ -103,7 +91,16 @@ class ParamRange:
     max: int | float
 
     def __post_init__(self) -> None:
-        _check_range({"default": self.default, "min": self.min, "max": self.max})
+        low, default, high = self.min, self.default, self.max
+        if not low <= default <= high:
+            raise ValueError(
+                f"min <= default <= max does not hold (min={low}, default={default}, max={high})"
+            )
+        if isinstance(default, int) and not (isinstance(low, int) and isinstance(high, int)):
+            raise ValueError(
+                f"default {default} is an integer, so min ({low}) and max ({high}) must be "
+                "integers too"
+            )
 
     @property
     def is_int(self) -> bool:
@@ -113,21 +110,11 @@ class ParamRange:
     @classmethod
     def from_dict(cls, data: object) -> ParamRange:
         """Validate ``data`` (decoded JSON); raises ``pydantic_core.ValidationError``."""
-        return _param_range(_validator("range").validate_python(data))
+        return _validator("range").validate_python(data)
 
     def to_dict(self) -> dict[str, Any]:
         """The range as JSON-ready data."""
         return asdict(self)
-
-
-def _check_num_ctx(data: dict[str, Any]) -> dict[str, Any]:
-    num_ctx = data.get("generation", {}).get("num_ctx")
-    if num_ctx is not None and num_ctx["max"] > data["context_length"]:
-        raise ValueError(
-            f"generation.num_ctx.max ({num_ctx['max']}) exceeds "
-            f"context_length ({data['context_length']})"
-        )
-    return data
 
 
 @dataclass(frozen=True)
@@ -148,35 +135,20 @@ class ModelInfo:
 
     def __post_init__(self) -> None:
         num_ctx = self.generation.get("num_ctx")
-        _check_num_ctx(
-            {
-                "context_length": self.context_length,
-                "generation": {"num_ctx": asdict(num_ctx)} if num_ctx else {},
-            }
-        )
+        if num_ctx is not None and num_ctx.max > self.context_length:
+            raise ValueError(
+                f"generation.num_ctx.max ({num_ctx.max}) exceeds "
+                f"context_length ({self.context_length})"
+            )
 
     @classmethod
     def from_dict(cls, data: object) -> ModelInfo:
         """Validate ``data`` (decoded JSON); raises ``pydantic_core.ValidationError``."""
-        return _model_info(_validator("model").validate_python(data))
+        return _validator("model").validate_python(data)
 
     def to_dict(self) -> dict[str, Any]:
         """The model as JSON-ready data, in the catalog file's layout."""
         return asdict(self)
-
-
-def _check_family(data: dict[str, Any]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for model in data["models"]:
-        if model["family"] != data["family"]:
-            raise ValueError(
-                f"model {model['name']!r} has family {model['family']!r}, "
-                f"but the file is for family {data['family']!r}"
-            )
-        if model["name"] in seen:
-            raise ValueError(f"model {model['name']!r} is listed twice")
-        seen.add(model["name"])
-    return data
 
 
 @dataclass(frozen=True)
@@ -187,67 +159,48 @@ class FamilyFile:
     models: list[ModelInfo]
 
     def __post_init__(self) -> None:
-        _check_family(
-            {
-                "family": self.family,
-                "models": [{"name": m.name, "family": m.family} for m in self.models],
-            }
-        )
+        seen: set[str] = set()
+        for model in self.models:
+            if model.family != self.family:
+                raise ValueError(
+                    f"model {model.name!r} has family {model.family!r}, "
+                    f"but the file is for family {self.family!r}"
+                )
+            if model.name in seen:
+                raise ValueError(f"model {model.name!r} is listed twice")
+            seen.add(model.name)
 
     @classmethod
     def from_dict(cls, data: object) -> FamilyFile:
         """Validate ``data`` (decoded JSON); raises ``pydantic_core.ValidationError``."""
-        valid = _validator("family").validate_python(data)
-        return cls(valid["family"], [_model_info(m) for m in valid["models"]])
+        return _validator("family").validate_python(data)
 
     def to_dict(self) -> dict[str, Any]:
         """The file's content as JSON-ready data."""
         return asdict(self)
 
 
-def _param_range(data: dict[str, Any]) -> ParamRange:
-    return ParamRange(data["default"], data["min"], data["max"])
+def _record(cls: type[Any], fields: dict[str, dict[str, Any]], **defaults: Any) -> dict[str, Any]:
+    """A schema for ``cls(**data)`` from an object with exactly ``fields`` (``defaults``: optional).
 
-
-def _model_info(data: dict[str, Any]) -> ModelInfo:
-    return ModelInfo(
-        name=data["name"],
-        family=data["family"],
-        size=data["size"],
-        parameters=data["parameters"],
-        quantization=data["quantization"],
-        context_length=data["context_length"],
-        description=data["description"],
-        tags=data["tags"],
-        servers=[ServerEntry(s["url"], s["status"]) for s in data["servers"]],
-        generation={k: _param_range(v) for k, v in data["generation"].items()},
-        default=data["default"],
-    )
-
-
-def _after(check: Any, schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "function-after",
-        "function": {"type": "no-info", "function": check},
-        "schema": schema,
-    }
-
-
-def _record(fields: dict[str, dict[str, Any]], **defaults: Any) -> dict[str, Any]:
-    """A typed-dict schema that forbids unknown keys; ``defaults`` makes fields optional."""
+    A ``ValueError`` from the class's checks becomes a validation error at the object's place.
+    """
     out: dict[str, Any] = {}
     for name, schema in fields.items():
         if name in defaults:
-            factory = defaults[name]
-            default = {"default_factory": factory} if callable(factory) else {"default": factory}
-            out[name] = {
-                "type": "typed-dict-field",
-                "schema": {"type": "default", "schema": schema, **default},
-                "required": False,
-            }
-        else:
-            out[name] = {"type": "typed-dict-field", "schema": schema, "required": True}
-    return {"type": "typed-dict", "fields": out, "extra_behavior": "forbid"}
+            default = defaults[name]
+            key = "default_factory" if callable(default) else "default"
+            schema = {"type": "default", "schema": schema, key: default}
+        out[name] = {"type": "typed-dict-field", "schema": schema, "required": name not in defaults}
+
+    def build(data: dict[str, Any]) -> object:
+        return cls(**data)
+
+    return {
+        "type": "function-after",
+        "function": {"type": "no-info", "function": build},
+        "schema": {"type": "typed-dict", "fields": out, "extra_behavior": "forbid"},
+    }
 
 
 def _schemas() -> dict[str, dict[str, Any]]:
@@ -258,48 +211,39 @@ def _schemas() -> dict[str, dict[str, Any]]:
         "choices": [{"type": "int", "strict": True}, {"type": "float", "strict": True}],
     }
     server = _record(
+        ServerEntry,
         {"url": text, "status": {"type": "literal", "expected": ["up", "down", "unknown"]}},
         status="unknown",
     )
-    param_range = _after(_check_range, _record({"default": number, "min": number, "max": number}))
-    model = _after(
-        _check_num_ctx,
-        _record(
-            {
-                "name": name,
-                "family": name,
-                "size": text,
-                "parameters": text,
-                "quantization": text,
-                "context_length": {"type": "int", "gt": 0},
-                "description": text,
-                "tags": {"type": "list", "items_schema": text},
-                "servers": {"type": "list", "items_schema": server},
-                "generation": {"type": "dict", "keys_schema": text, "values_schema": param_range},
-                "default": {"type": "bool"},
-            },
-            generation=dict,
-            default=False,
-        ),
+    param_range = _record(ParamRange, {"default": number, "min": number, "max": number})
+    model = _record(
+        ModelInfo,
+        {
+            "name": name,
+            "family": name,
+            "size": text,
+            "parameters": text,
+            "quantization": text,
+            "context_length": {"type": "int", "gt": 0},
+            "description": text,
+            "tags": {"type": "list", "items_schema": text},
+            "servers": {"type": "list", "items_schema": server},
+            "generation": {"type": "dict", "keys_schema": text, "values_schema": param_range},
+            "default": {"type": "bool"},
+        },
+        generation=dict,
+        default=False,
     )
-    family = _after(
-        _check_family,
-        _record({"family": name, "models": {"type": "list", "items_schema": model}}),
+    family = _record(
+        FamilyFile, {"family": name, "models": {"type": "list", "items_schema": model}}
     )
     return {"range": param_range, "model": model, "family": family}
 
 
-_validators: dict[str, SchemaValidator] = {}
-
-
+@functools.cache
 def _validator(kind: str) -> SchemaValidator:
     """The compiled validator for ``kind`` (``range``, ``model`` or ``family``), built once."""
-    validator = _validators.get(kind)
-    if validator is None:
-        for key, schema in _schemas().items():
-            _validators.setdefault(key, SchemaValidator(schema))  # pyright: ignore[reportArgumentType]
-        validator = _validators[kind]
-    return validator
+    return SchemaValidator(_schemas()[kind])  # pyright: ignore[reportArgumentType]
 
 
 # --------------------------------------------------------------------------- loading
@@ -601,10 +545,7 @@ _default_lock = threading.Lock()
 def default_catalog() -> Catalog:
     """The process-wide catalog over :func:`metadata_dir`, created on first call."""
     global _default_catalog
-    catalog = _default_catalog
-    if catalog is None:
-        with _default_lock:
-            catalog = _default_catalog
-            if catalog is None:
-                catalog = _default_catalog = Catalog()
-    return catalog
+    with _default_lock:
+        if _default_catalog is None:
+            _default_catalog = Catalog()
+        return _default_catalog

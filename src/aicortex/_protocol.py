@@ -12,9 +12,9 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from ._events import Stats, ToolCall
 from ._exceptions import ValidationError
@@ -29,6 +29,9 @@ __all__ = [
     "classify_status",
     "decode_line",
     "encode_body",
+    "json_int",
+    "json_object",
+    "json_objects",
     "model_key",
     "stats_from_chunk",
     "tool_calls_from_message",
@@ -39,10 +42,8 @@ TAGS_PATH = "/api/tags"
 VERSION_PATH = "/api/version"
 
 
-class Message(BaseModel):
+class Message(BaseModel, extra="allow"):
     """A chat message. Plain ``{"role": ..., "content": ...}`` dicts work too."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(extra="allow")
 
     role: str
     content: str = ""
@@ -313,14 +314,8 @@ def decode_line(line: bytes) -> dict[str, Any]:
 
 def tool_calls_from_message(message: Mapping[str, Any]) -> tuple[ToolCall, ...]:
     """The complete tool calls carried by a chat message, if any."""
-    raw = message.get("tool_calls")
-    if not raw or not isinstance(raw, list):
-        return ()
     calls: list[ToolCall] = []
-    for item in cast("list[object]", raw):
-        if not isinstance(item, dict):
-            continue
-        entry = cast("dict[str, Any]", item)
+    for entry in json_objects(message.get("tool_calls")):
         function = entry.get("function")
         if not isinstance(function, dict):
             continue
@@ -344,19 +339,32 @@ def tool_calls_from_message(message: Mapping[str, Any]) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
-def _int(value: object) -> int | None:
+def json_object(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else ``{}``."""
+    return cast("dict[str, Any]", value) if isinstance(value, dict) else {}
+
+
+def json_objects(value: object) -> list[dict[str, Any]]:
+    """The JSON objects in a JSON list (nothing for anything else)."""
+    if not isinstance(value, list):
+        return []
+    return [cast("dict[str, Any]", v) for v in cast("list[object]", value) if isinstance(v, dict)]
+
+
+def json_int(value: object) -> int | None:
+    """``value`` if it is a JSON integer (not a boolean), else ``None``."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def stats_from_chunk(chunk: Mapping[str, Any]) -> Stats:
     """Token counts and durations of a final (``done: true``) chunk."""
     return Stats(
-        prompt_tokens=_int(chunk.get("prompt_eval_count")),
-        completion_tokens=_int(chunk.get("eval_count")),
-        total_duration=_int(chunk.get("total_duration")),
-        load_duration=_int(chunk.get("load_duration")),
-        prompt_eval_duration=_int(chunk.get("prompt_eval_duration")),
-        eval_duration=_int(chunk.get("eval_duration")),
+        prompt_tokens=json_int(chunk.get("prompt_eval_count")),
+        completion_tokens=json_int(chunk.get("eval_count")),
+        total_duration=json_int(chunk.get("total_duration")),
+        load_duration=json_int(chunk.get("load_duration")),
+        prompt_eval_duration=json_int(chunk.get("prompt_eval_duration")),
+        eval_duration=json_int(chunk.get("eval_duration")),
     )
 
 
@@ -386,15 +394,11 @@ def error_text(body: bytes) -> str:
         obj = json.loads(text)
     except ValueError:
         return text
-    if isinstance(obj, dict):
-        err = cast("dict[str, Any]", obj).get("error")
-        if isinstance(err, str):
-            return err
-        if isinstance(err, dict):
-            message = cast("dict[str, Any]", err).get("message")
-            if isinstance(message, str):
-                return message
-    return text
+    error: object = json_object(obj).get("error")
+    if isinstance(error, str):
+        return error
+    message: object = json_object(error).get("message")
+    return message if isinstance(message, str) else text
 
 
 def classify_status(status: int, body: bytes, content_type: str) -> Failure:

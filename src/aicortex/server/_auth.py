@@ -78,10 +78,7 @@ class KeyChecker:
 
     def matches(self, presented: bytes) -> bool:
         """Whether ``presented`` is one of the keys; every key is compared, in constant time."""
-        found = False
-        for key in self._keys:
-            found |= hmac.compare_digest(presented, key)
-        return found
+        return sum(hmac.compare_digest(presented, key) for key in self._keys) > 0
 
     def check(self, authorization: bytes | None) -> None:
         """Raise a 401 :class:`ProxyError` unless the header carries a valid key."""

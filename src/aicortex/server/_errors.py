@@ -34,7 +34,7 @@ from .._exceptions import (
     ValidationError,
 )
 
-__all__ = ["ProxyError", "error_body", "from_exception", "param_of"]
+__all__ = ["ProxyError", "error_body", "from_exception", "invalid", "missing", "param_of"]
 
 INVALID = "invalid_request_error"
 API_ERROR = "api_error"
@@ -78,6 +78,16 @@ class ProxyError(Exception):
 
     def __repr__(self) -> str:
         return f"ProxyError({self.status}, {self.message!r}, param={self.param!r})"
+
+
+def missing(param: str, note: str = "") -> ProxyError:
+    """The 400 for a required request field that is absent; ``note`` ends the sentence."""
+    return ProxyError(400, f"Missing required parameter: '{param}'{note}.", param=param)
+
+
+def invalid(param: str, problem: str) -> ProxyError:
+    """The 400 for a request field whose value is wrong; ``problem`` says how."""
+    return ProxyError(400, f"Invalid value for '{param}': {problem}.", param=param or None)
 
 
 # Core validation messages start with the argument they are about.

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._errors import ProxyError
+from ._errors import ProxyError, invalid, missing
 
 __all__ = [
     "ChatMessage",
@@ -131,27 +131,12 @@ class ChatRequest(_Model):
     format: str | dict[str, Any] | None = None
 
 
-def _field_names() -> frozenset[str]:
-    names: set[str] = set()
-    for model in (
-        ImageURL,
-        ContentPart,
-        FunctionCall,
-        MessageToolCall,
-        ChatMessage,
-        FunctionDef,
-        Tool,
-        JsonSchemaFormat,
-        ResponseFormat,
-        StreamOptions,
-        ChatRequest,
-    ):
-        for name, info in model.model_fields.items():
-            names.add(info.alias or name)
-    return frozenset(names)
-
-
-_FIELDS = _field_names()
+# Every field name of the request, as the client spells it.
+_FIELDS = frozenset(
+    info.alias or name
+    for model in _Model.__subclasses__()
+    for name, info in model.model_fields.items()
+)
 
 _EXPECTED = {
     "string_type": "a string",
@@ -201,17 +186,15 @@ def field_path(loc: tuple[int | str, ...]) -> str:
 def describe(exc: pydantic.ValidationError) -> ProxyError:
     """One 400 for the first field at fault, named as OpenAI names it (``messages[1].content``)."""
     errors = exc.errors(include_url=False)
-    first = errors[0]
-    top = first["loc"][0] if first["loc"] else None
-    group = [e for e in errors if (e["loc"][0] if e["loc"] else None) == top]
-    paths = [field_path(e["loc"]) for e in group]
+    group = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
     depth = max(len(e["loc"]) for e in group)
     # In a union the member that got furthest is the one the client meant.
-    deepest = [(p, e) for p, e in zip(paths, group, strict=True) if len(e["loc"]) == depth]
-    path, error = deepest[0]
-    same = [e for p, e in deepest if p == path]
+    deepest = [e for e in group if len(e["loc"]) == depth]
+    error = deepest[0]
+    path = field_path(error["loc"])
+    same = [e for e in deepest if field_path(e["loc"]) == path]
     if error["type"] == "missing":
-        return ProxyError(400, f"Missing required parameter: '{path}'.", param=path)
+        return missing(path)
     if all(e["type"] in _EXPECTED or e["type"] == "literal_error" for e in same):
         expected: list[str] = []
         for e in same:
@@ -224,11 +207,8 @@ def describe(exc: pydantic.ValidationError) -> ProxyError:
         got = _json_type(error["input"])
         if error["type"] == "literal_error" and isinstance(error["input"], str):
             got = repr(error["input"])
-        return ProxyError(
-            400, f"Invalid value for '{path}': expected {wanted}, but got {got}.", param=path
-        )
-    message = str(error["msg"])
-    return ProxyError(400, f"Invalid value for '{path}': {message}.", param=path or None)
+        return invalid(path, f"expected {wanted}, but got {got}")
+    return invalid(path, str(error["msg"]))
 
 
 def _reject_constant(name: str) -> object:

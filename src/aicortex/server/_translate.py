@@ -17,7 +17,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any, Literal, cast
 
 from .._events import Stats, ToolCall
-from ._errors import ProxyError
+from ._errors import invalid, missing
 from ._schema import ChatMessage, ChatRequest, ContentPart, ImageURL
 
 __all__ = [
@@ -75,9 +75,7 @@ class ChatCall:
 
 def _image(image_url: ImageURL | str | None, where: str) -> str:
     if image_url is None:
-        raise ProxyError(
-            400, f"Missing required parameter: '{where}.image_url'.", param=f"{where}.image_url"
-        )
+        raise missing(f"{where}.image_url")
     url = image_url if isinstance(image_url, str) else image_url.url
     param = f"{where}.image_url" + ("" if isinstance(image_url, str) else ".url")
     header, comma, payload = url.partition(",")
@@ -87,9 +85,7 @@ def _image(image_url: ImageURL | str | None, where: str) -> str:
         message = "Image URLs are not supported: send the image inline as a base64 data URI"
     else:
         message = "An image must be a base64 data URI"
-    raise ProxyError(
-        400, f"Invalid value for '{param}': {message} (data:image/png;base64,...).", param=param
-    )
+    raise invalid(param, f"{message} (data:image/png;base64,...)")
 
 
 def _content(content: str | list[ContentPart] | None, where: str) -> tuple[str | None, list[str]]:
@@ -102,9 +98,7 @@ def _content(content: str | list[ContentPart] | None, where: str) -> tuple[str |
         at = f"{where}[{j}]"
         if part.type == "text":
             if part.text is None:
-                raise ProxyError(
-                    400, f"Missing required parameter: '{at}.text'.", param=f"{at}.text"
-                )
+                raise missing(f"{at}.text")
             texts.append(part.text)
         else:
             images.append(_image(part.image_url, at))
@@ -121,12 +115,7 @@ def _arguments(arguments: str | dict[str, Any], where: str) -> dict[str, Any]:
     except (ValueError, RecursionError):
         decoded = None
     if not isinstance(decoded, dict):
-        raise ProxyError(
-            400,
-            f"Invalid value for '{where}': the arguments must be a JSON object encoded as "
-            "a string.",
-            param=where,
-        )
+        raise invalid(where, "the arguments must be a JSON object encoded as a string")
     return cast("dict[str, Any]", decoded)
 
 
@@ -135,11 +124,8 @@ def _message(message: ChatMessage, i: int, tool_names: dict[str, str]) -> dict[s
     text, images = _content(message.content, f"{where}.content")
     has_calls = bool(message.tool_calls)
     if text is None and not (message.role == "assistant" and has_calls):
-        raise ProxyError(
-            400,
-            f"Missing required parameter: '{where}.content' "
-            "(only an assistant message with tool_calls may leave it out).",
-            param=f"{where}.content",
+        raise missing(
+            f"{where}.content", " (only an assistant message with tool_calls may leave it out)"
         )
     # Ollama's chat templates know system, not developer.
     role = "system" if message.role == "developer" else message.role
@@ -182,9 +168,7 @@ def to_chat_call(request: ChatRequest) -> ChatCall:
     ``system`` messages; image parts must be base64 data URIs.
     """
     if request.n is not None and request.n != 1:
-        raise ProxyError(
-            400, "Invalid value for 'n': only one choice (n=1) is supported.", param="n"
-        )
+        raise invalid("n", "only one choice (n=1) is supported")
     tool_names: dict[str, str] = {}
     messages = [_message(m, i, tool_names) for i, m in enumerate(request.messages)]
 
@@ -215,11 +199,9 @@ def to_chat_call(request: ChatRequest) -> ChatCall:
     if think is None and request.reasoning_effort is not None:
         effort = request.reasoning_effort.lower()
         if effort not in _EFFORT:
-            raise ProxyError(
-                400,
-                f"Invalid value for 'reasoning_effort': {request.reasoning_effort!r}; "
-                f"expected one of {', '.join(_EFFORT)}.",
-                param="reasoning_effort",
+            raise invalid(
+                "reasoning_effort",
+                f"{request.reasoning_effort!r}; expected one of {', '.join(_EFFORT)}",
             )
         think = _EFFORT[effort]
 
@@ -227,12 +209,11 @@ def to_chat_call(request: ChatRequest) -> ChatCall:
     if request.tools and request.tool_choice != "none":
         tools = [t.model_dump(by_alias=True, exclude_unset=True) for t in request.tools]
 
-    stream_options = request.stream_options
     return ChatCall(
         model=request.model,
         messages=messages,
         stream=bool(request.stream),
-        include_usage=bool(stream_options and stream_options.include_usage),
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
         options=options or None,
         format=fmt,
         tools=tools,

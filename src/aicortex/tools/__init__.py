@@ -80,12 +80,11 @@ def catalog_directory(directory: str | os.PathLike[str] | None = None) -> Path:
     if directory is None:
         from .._catalog import metadata_dir
 
-        found = metadata_dir()
-        if not isinstance(found, Path):
+        path = metadata_dir()
+        if not isinstance(path, Path):
             raise ToolError(
-                f"The catalog at {found} is not a directory on disk; pass --metadata-dir."
+                f"The catalog at {path} is not a directory on disk; pass --metadata-dir."
             )
-        path = found
     else:
         path = Path(directory).expanduser()
     if not path.is_dir():
@@ -108,22 +107,12 @@ def read_family_files(directory: Path) -> list[tuple[str, dict[str, Any]]]:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             _logger.error("Skipping catalog file %s: cannot read it as JSON (%s)", path, exc)
             continue
-        if not _is_family_file(data):
+        raw: dict[str, Any] = cast("dict[str, Any]", data) if isinstance(data, dict) else {}
+        if not (isinstance(raw.get("family"), str) and isinstance(raw.get("models"), list)):
             _logger.error("Skipping catalog file %s: not a family file", path)
             continue
-        files.append((path.name, _as_dict(data)))
+        files.append((path.name, raw))
     return files
-
-
-def _is_family_file(data: object) -> bool:
-    raw = _as_dict(data)
-    models: object = raw.get("models")
-    return isinstance(raw.get("family"), str) and isinstance(models, list)
-
-
-def _as_dict(data: object) -> dict[str, Any]:
-    """``data`` if it is a JSON object, else ``{}``."""
-    return cast("dict[str, Any]", data) if isinstance(data, dict) else {}
 
 
 # --------------------------------------------------------------------------- the whole pipeline

@@ -9,14 +9,23 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from .._exceptions import ValidationError
 from . import FORMAT_VERSION, CatalogWriteError, ToolError
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from .._router import Router
+
 _logger = logging.getLogger("aicortex")
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+_Document = TypeVar("_Document", bound="BaseModel")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,6 +34,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Print ``prog: error: message`` and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def step_parser(prog: str, description: str, reads: str) -> ArgumentParser:
+    """A step's parser with ``-i/--input FILE`` (default stdin) and ``-o/--output FILE``."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "-i",
+        "--input",
+        metavar="FILE",
+        default="-",
+        help=f"read {reads} from FILE ('-' or default: stdin)",
+    )
+    add_output_argument(parser)
+    return parser
 
 
 def add_output_argument(parser: argparse.ArgumentParser) -> None:
@@ -38,19 +61,8 @@ def add_output_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_input_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    """``-i/--input FILE``, default stdin."""
-    parser.add_argument(
-        "-i",
-        "--input",
-        metavar="FILE",
-        default="-",
-        help=f"read {what} from FILE ('-' or default: stdin)",
-    )
-
-
-def read_json(source: str | None) -> Any:
-    """Read a JSON document from a file, or from stdin for ``None`` / ``"-"``."""
+def read_text(source: str | None) -> tuple[str, str]:
+    """What to call ``source`` in a message, and its text (stdin for ``None`` / ``"-"``)."""
     name = "stdin" if source in (None, "-") else source
     try:
         if source in (None, "-"):
@@ -59,12 +71,40 @@ def read_json(source: str | None) -> Any:
             text = Path(source).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ToolError(f"Cannot read {name}: {exc}") from None
-    if not text.strip():
-        raise ToolError(f"{name} is empty; expected the JSON of the previous step.")
+    return name, text
+
+
+def parse_json(text: str, name: str) -> Any:
+    """``text`` decoded; a :class:`ToolError` that names ``name`` if it is not JSON."""
     try:
         return json.loads(text)
     except ValueError as exc:
         raise ToolError(f"{name} is not valid JSON ({exc}).") from None
+
+
+def read_document(model: type[_Document], source: str | None, what: str) -> _Document:
+    """Read the previous step's JSON and validate it; a clear :class:`ToolError` if not."""
+    import pydantic
+
+    name, text = read_text(source)
+    if not text.strip():
+        raise ToolError(f"{name} is empty; expected the JSON of the previous step.")
+    data = parse_json(text, name)
+    if isinstance(data, dict) and data:
+        version: object = cast("dict[str, Any]", data).get("version")
+        if version != FORMAT_VERSION:
+            raise ToolError(
+                f"The input is version {version!r} of the {what} format; "
+                f"this aicortex reads version {FORMAT_VERSION}."
+            )
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
+            for e in exc.errors()[:5]
+        )
+        raise ToolError(f"The input is not a {what} document ({problems}).") from None
 
 
 def write_text(text: str, target: str | None) -> None:
@@ -84,29 +124,46 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def parse_document(model: type[Any], data: Any, what: str) -> Any:
-    """Validate a step's JSON against its pydantic model; a clear :class:`ToolError` if not."""
-    import pydantic
-
-    raw = _as_dict(data)
-    if raw:
-        version: object = raw.get("version")
-        if version != FORMAT_VERSION:
-            raise ToolError(
-                f"The input is version {version!r} of the {what} format; "
-                f"this aicortex reads version {FORMAT_VERSION}."
-            )
-    try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
-            for e in exc.errors()[:5]
-        )
-        raise ToolError(f"The input is not a {what} document ({problems}).") from None
+def write_report(report: BaseModel, target: str | None) -> None:
+    """Write a step's output as :func:`dump_json` does."""
+    write_text(dump_json(report.model_dump(mode="json")), target)
 
 
-def run_tool(prog: str, body: Callable[[], int]) -> int:
+def tool_router(connect: float, timeout: float) -> Router:
+    """A router without a health cache that sends ``OLLAMA_API_KEY`` as a bearer token."""
+    from .._config import Timeout, env_api_key
+    from .._router import Router
+
+    api_key = env_api_key()
+    return Router(
+        timeout=Timeout(connect=connect, first_token=timeout, probe=timeout),
+        health_ttl=0.0,
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+    )
+
+
+async def run_all(
+    items: Sequence[_Item],
+    work: Callable[[_Item], Awaitable[_Result]],
+    on_result: Callable[[_Result], None] | None = None,
+) -> list[_Result]:
+    """``work`` on every item at once; results in item order, each to ``on_result`` when done."""
+    import anyio
+
+    results: dict[int, _Result] = {}
+
+    async def run(index: int, item: _Item) -> None:
+        result = results[index] = await work(item)
+        if on_result is not None:
+            on_result(result)
+
+    async with anyio.create_task_group() as tg:
+        for index, item in enumerate(items):
+            tg.start_soon(run, index, item)
+    return [results[index] for index in range(len(items))]
+
+
+def run_tool(prog: str, body: Callable[[], None]) -> int:
     """Run a step's command: log to stderr, one error line and a status on failure.
 
     0 ok; 2 bad input or a catalog that fails validation; 1 anything else, such
@@ -117,7 +174,8 @@ def run_tool(prog: str, body: Callable[[], int]) -> int:
     handler.setFormatter(_Formatter(prog))
     _logger.addHandler(handler)
     try:
-        return body()
+        body()
+        return 0
     except CatalogWriteError as exc:
         _fail(prog, str(exc))
         return 1
@@ -150,10 +208,6 @@ class _Formatter(logging.Formatter):
 def _fail(prog: str, message: str) -> None:
     with contextlib.suppress(OSError):
         sys.stderr.write(f"{prog}: error: {message}\n")
-
-
-def _as_dict(data: object) -> dict[str, Any]:
-    return cast("dict[str, Any]", data) if isinstance(data, dict) else {}
 
 
 def positive_seconds(text: str) -> float:

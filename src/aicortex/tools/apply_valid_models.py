@@ -42,21 +42,12 @@ import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from . import FORMAT_VERSION, CatalogWriteError, ToolError, catalog_directory, read_family_files
-from ._common import (
-    ArgumentParser,
-    add_input_argument,
-    add_output_argument,
-    dump_json,
-    parse_document,
-    read_json,
-    run_tool,
-    write_text,
-)
+from ._common import ArgumentParser, dump_json, read_document, run_tool, step_parser, write_text
 from .resolve_models import ResolvedCatalog
 
 __all__ = [
@@ -76,19 +67,15 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.json")
 _NEW_FILE_MODE = 0o644
 
 
-class FileResult(BaseModel):
+class FileResult(BaseModel, frozen=True):
     """What happened to one family file."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     file: str
     status: Literal["created", "updated", "unchanged"]
 
 
-class ApplyReport(BaseModel):
+class ApplyReport(BaseModel, frozen=True):
     """The output of :func:`apply`."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     version: Literal[1] = FORMAT_VERSION
     kind: Literal["aicortex.apply"] = "aicortex.apply"
@@ -249,16 +236,13 @@ def _fsync_directory(directory: Path) -> None:
 
 def build_parser(prog: str = "python -m aicortex.tools.apply_valid_models") -> ArgumentParser:
     """The command's arguments."""
-    parser = ArgumentParser(
-        prog=prog,
-        description=(
-            "Step 4 of the catalog refresh: read resolve_models' JSON, validate it with the "
-            "catalog schema, and write each family file that changed, atomically. Writes a "
-            "JSON report, or with --dry-run a diff and no file."
-        ),
+    parser = step_parser(
+        prog,
+        "Step 4 of the catalog refresh: read resolve_models' JSON, validate it with the "
+        "catalog schema, and write each family file that changed, atomically. Writes a "
+        "JSON report, or with --dry-run a diff and no file.",
+        "resolve_models' JSON",
     )
-    add_input_argument(parser, "resolve_models' JSON")
-    add_output_argument(parser)
     parser.add_argument(
         "--metadata-dir",
         metavar="DIR",
@@ -274,16 +258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m aicortex.tools.apply_valid_models``."""
     args = build_parser().parse_args(argv)
 
-    def body() -> int:
-        resolved: ResolvedCatalog = parse_document(
-            ResolvedCatalog, read_json(args.input), "resolve_models"
-        )
+    def body() -> None:
+        resolved = read_document(ResolvedCatalog, args.input, "resolve_models")
         report = apply(resolved, args.metadata_dir, dry_run=args.dry_run)
         if args.dry_run:
             write_text(report.diff, args.output)
         else:
             write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n", args.output)
-        return 0
 
     return run_tool("apply_valid_models", body)
 

@@ -43,21 +43,26 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import Literal, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from .._exceptions import ValidationError
+from .._protocol import json_objects
 from . import FORMAT_VERSION, ToolError, catalog_directory, read_family_files
 from ._common import (
     ArgumentParser,
     add_output_argument,
-    dump_json,
+    parse_json,
     positive_seconds,
+    read_text,
+    run_all,
     run_tool,
     server_list,
-    write_text,
+    tool_router,
+    write_report,
 )
 
 __all__ = ["CheckReport", "ServerCheck", "catalog_servers", "check", "main"]
@@ -67,10 +72,8 @@ DEFAULT_PROBE_TIMEOUT = 2.0
 Source = Literal["catalog", "argument", "both"]
 
 
-class ServerCheck(BaseModel):
+class ServerCheck(BaseModel, frozen=True):
     """What one probe found."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     url: str
     address: str
@@ -82,10 +85,8 @@ class ServerCheck(BaseModel):
     error: str | None = None
 
 
-class CheckReport(BaseModel):
+class CheckReport(BaseModel, frozen=True):
     """The output of :func:`check`."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     version: Literal[1] = FORMAT_VERSION
     kind: Literal["aicortex.check"] = "aicortex.check"
@@ -103,27 +104,20 @@ def catalog_servers(directory: Path) -> list[str]:
     """Every server URL the catalog's files list, in file and model order, without repeats."""
     urls: list[str] = []
     for _, data in read_family_files(directory):
-        for model in _objects(data.get("models")):
-            for entry in _objects(model.get("servers")):
+        for model in json_objects(data.get("models")):
+            for entry in json_objects(model.get("servers")):
                 url: object = entry.get("url")
                 if isinstance(url, str) and url not in urls:
                     urls.append(url)
     return urls
 
 
-def _objects(value: object) -> list[dict[str, Any]]:
-    """The JSON objects in a JSON list (nothing for anything else)."""
-    if not isinstance(value, list):
-        return []
-    return [cast("dict[str, Any]", v) for v in cast("list[object]", value) if isinstance(v, dict)]
-
-
+@dataclass
 class _Target:
-    def __init__(self, url: str, address: str | None, source: Source, error: str | None) -> None:
-        self.url = url
-        self.address = address
-        self.source: Source = source
-        self.error = error
+    url: str
+    address: str | None  # None: the URL is invalid, and ``error`` says why
+    source: Source
+    error: str | None = None
 
 
 def _targets(catalog: Iterable[str], extra: Iterable[str]) -> list[_Target]:
@@ -150,7 +144,7 @@ def _targets(catalog: Iterable[str], extra: Iterable[str]) -> list[_Target]:
                 if known.source != source:
                     known.source = "both"
                 continue
-            target = _Target(url if source == "catalog" else normal, address, source, None)
+            target = _Target(url if source == "catalog" else normal, address, source)
             by_address[address] = target
             targets.append(target)
     return targets
@@ -170,11 +164,6 @@ async def check(
     completes. Raises :class:`~aicortex.ValidationError` for a malformed URL in
     ``servers``; a malformed URL in the catalog is reported down instead.
     """
-    import anyio
-
-    from .._config import Timeout, env_api_key
-    from .._router import Router
-
     directory: Path | None = None
     catalog: list[str] = []
     if include_catalog or metadata_dir is not None:
@@ -182,52 +171,31 @@ async def check(
         if include_catalog:
             catalog = catalog_servers(directory)
     targets = _targets(catalog, servers)
-    api_key = env_api_key()
-    router = Router(
-        timeout=Timeout(connect=timeout, first_token=timeout, probe=timeout),
-        health_ttl=0.0,
-        headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-    )
-    results: dict[int, ServerCheck] = {}
+    router = tool_router(timeout, timeout)
 
-    def report(index: int, result: ServerCheck) -> None:
-        results[index] = result
-        if on_result is not None:
-            on_result(result)
-
-    async def probe(index: int, target: _Target) -> None:
-        assert target.address is not None
-        health = await router.probe(target.address)
-        report(
-            index,
-            ServerCheck(
+    async def probe(target: _Target) -> ServerCheck:
+        if target.address is None:
+            return ServerCheck(
                 url=target.url,
-                address=target.address,
+                address=target.url,
                 source=target.source,
-                up=health.up,
-                latency=round(health.latency, 4) if health.latency is not None else None,
-                version=health.version,
-                models=list(health.models),
-                error=health.error,
-            ),
+                up=False,
+                error=target.error,
+            )
+        health = await router.probe(target.address)
+        return ServerCheck(
+            url=target.url,
+            address=target.address,
+            source=target.source,
+            up=health.up,
+            latency=round(health.latency, 4) if health.latency is not None else None,
+            version=health.version,
+            models=list(health.models),
+            error=health.error,
         )
 
     try:
-        async with anyio.create_task_group() as tg:
-            for index, target in enumerate(targets):
-                if target.address is None:
-                    report(
-                        index,
-                        ServerCheck(
-                            url=target.url,
-                            address=target.url,
-                            source=target.source,
-                            up=False,
-                            error=target.error,
-                        ),
-                    )
-                else:
-                    tg.start_soon(probe, index, target)
+        results = await run_all(targets, probe, on_result)
     finally:
         await router.aclose()
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
@@ -235,28 +203,19 @@ async def check(
         metadata_dir=str(directory) if directory is not None else None,
         checked_at=now.isoformat().replace("+00:00", "Z"),
         probe_timeout=timeout,
-        servers=[results[i] for i in range(len(targets))],
+        servers=results,
     )
 
 
 def _extra_servers(source: str) -> list[str]:
     """Servers from a file: a JSON list of URLs, or one URL per line."""
-    import json
-    import sys
-
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ToolError(f"Cannot read {source}: {exc}") from None
+    name, text = read_text(source)
     stripped = text.strip()
     if stripped.startswith("["):
-        try:
-            data: object = json.loads(stripped)
-        except ValueError as exc:
-            raise ToolError(f"{source} is not valid JSON ({exc}).") from None
+        data: object = parse_json(stripped, name)
         items = cast("list[object]", data) if isinstance(data, list) else None
         if items is None or not all(isinstance(u, str) for u in items):
-            raise ToolError(f"{source} must hold a JSON list of server URLs.")
+            raise ToolError(f"{name} must hold a JSON list of server URLs.")
         return [str(u) for u in items]
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
@@ -308,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m aicortex.tools.check_models``."""
     args = build_parser().parse_args(argv)
 
-    def body() -> int:
+    def body() -> None:
         import anyio
 
         servers = server_list(args.server)
@@ -324,8 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timeout=args.timeout,
             )
         )
-        write_text(dump_json(report.model_dump(mode="json")), args.output)
-        return 0
+        write_report(report, args.output)
 
     return run_tool("check_models", body)
 

@@ -48,21 +48,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from .._protocol import TAGS_PATH, json_int, json_object, json_objects
 from . import FORMAT_VERSION
 from ._common import (
     ArgumentParser,
-    add_input_argument,
-    add_output_argument,
-    dump_json,
-    parse_document,
     positive_seconds,
-    read_json,
+    read_document,
+    run_all,
     run_tool,
-    write_text,
+    step_parser,
+    tool_router,
+    write_report,
 )
 from .check_models import CheckReport, ServerCheck
 
@@ -76,14 +76,11 @@ _logger = logging.getLogger("aicortex")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONCURRENCY = 4
 
-TAGS_PATH = "/api/tags"
 SHOW_PATH = "/api/show"
 
 
-class FetchedModel(BaseModel):
+class FetchedModel(BaseModel, frozen=True):
     """One model as a server describes it."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     name: str
     family: str | None = None
@@ -97,10 +94,8 @@ class FetchedModel(BaseModel):
     error: str | None = None
 
 
-class ServerModels(BaseModel):
+class ServerModels(BaseModel, frozen=True):
     """One server and the models it has."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     url: str
     address: str
@@ -109,19 +104,13 @@ class ServerModels(BaseModel):
     models: list[FetchedModel] = []
 
 
-class FetchReport(BaseModel):
+class FetchReport(BaseModel, frozen=True):
     """The output of :func:`fetch`."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     version: Literal[1] = FORMAT_VERSION
     kind: Literal["aicortex.fetch"] = "aicortex.fetch"
     metadata_dir: str | None = None
     servers: list[ServerModels]
-
-
-def _dict(value: object) -> dict[str, Any]:
-    return cast("dict[str, Any]", value) if isinstance(value, dict) else {}
 
 
 def _str(value: object) -> str | None:
@@ -134,6 +123,10 @@ def _strings(value: object) -> list[str]:
     return [v for v in cast("list[object]", value) if isinstance(v, str)]
 
 
+def _name(tag: Mapping[str, Any]) -> str | None:
+    return _str(tag.get("model")) or _str(tag.get("name"))
+
+
 def _context_length(model_info: Mapping[str, Any], details: Mapping[str, Any]) -> int | None:
     """``model_info["<general.architecture>.context_length"]``, else any ``*.context_length``."""
     architecture = model_info.get("general.architecture")
@@ -143,8 +136,9 @@ def _context_length(model_info: Mapping[str, Any], details: Mapping[str, Any]) -
     candidates += [v for k, v in model_info.items() if k.endswith(".context_length")]
     candidates.append(details.get("context_length"))  # newer /api/tags
     for value in candidates:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        count = json_int(value) or 0
+        if count > 0:
+            return count
     return None
 
 
@@ -152,22 +146,19 @@ def model_from_api(
     tag: Mapping[str, Any], show: Mapping[str, Any] | None, error: str | None = None
 ) -> FetchedModel:
     """Combine one ``/api/tags`` entry and its ``/api/show`` answer (pure)."""
-    tag_details = _dict(tag.get("details"))
-    show_details = _dict(show.get("details")) if show is not None else {}
-    details = {**tag_details, **{k: v for k, v in show_details.items() if v not in (None, "")}}
-    model_info = _dict(show.get("model_info")) if show is not None else {}
-    capabilities = _strings(show.get("capabilities")) if show is not None else []
-    size: object = tag.get("size")
+    show = show or {}
+    shown = {k: v for k, v in json_object(show.get("details")).items() if v not in (None, "")}
+    details = {**json_object(tag.get("details")), **shown}
     return FetchedModel(
-        name=_str(tag.get("model")) or _str(tag.get("name")) or "",
+        name=_name(tag) or "",
         family=_str(details.get("family")),
         families=_strings(details.get("families")),
         parameter_size=_str(details.get("parameter_size")),
         quantization=_str(details.get("quantization_level")),
-        size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+        size=json_int(tag.get("size")),
         digest=_str(tag.get("digest")),
-        context_length=_context_length(model_info, details),
-        capabilities=capabilities or _strings(tag.get("capabilities")),
+        context_length=_context_length(json_object(show.get("model_info")), details),
+        capabilities=_strings(show.get("capabilities")) or _strings(tag.get("capabilities")),
         error=error,
     )
 
@@ -183,7 +174,7 @@ async def _get_json(router: Router, address: str, method: str, path: str, **kw: 
     if response.status_code != 200:
         detail = ""
         try:
-            message: object = _dict(response.json()).get("error")
+            message: object = json_object(response.json()).get("error")
             detail = f": {message}" if isinstance(message, str) else ""
         except ValueError:
             pass
@@ -203,34 +194,24 @@ async def _fetch_server(router: Router, server: ServerCheck, concurrency: int) -
 
     address = server.address
     try:
-        tags = _dict(await _get_json(router, address, "GET", TAGS_PATH))
+        tags = json_object(await _get_json(router, address, "GET", TAGS_PATH))
     except _Failed as exc:
         _logger.warning("Skipping Ollama server %s: %s", server.url, exc)
         return ServerModels(url=server.url, address=address, up=False, error=str(exc))
-    entries = [_dict(e) for e in cast("list[object]", tags.get("models") or []) if e]
-    entries = [e for e in entries if _str(e.get("model")) or _str(e.get("name"))]
     limiter = anyio.CapacityLimiter(concurrency)
-    found: list[FetchedModel | None] = [None] * len(entries)
 
-    async def show(index: int, entry: dict[str, Any]) -> None:
-        name = _str(entry.get("model")) or _str(entry.get("name")) or ""
+    async def show(entry: dict[str, Any]) -> FetchedModel:
+        name = _name(entry) or ""
         async with limiter:
             try:
-                answer = _dict(
-                    await _get_json(router, address, "POST", SHOW_PATH, json={"model": name})
-                )
+                answer = await _get_json(router, address, "POST", SHOW_PATH, json={"model": name})
             except _Failed as exc:
                 _logger.warning("Ollama server %s: no details for %s: %s", server.url, name, exc)
-                found[index] = model_from_api(entry, None, str(exc))
-                return
-        found[index] = model_from_api(entry, answer)
+                return model_from_api(entry, None, str(exc))
+        return model_from_api(entry, json_object(answer))
 
-    async with anyio.create_task_group() as tg:
-        for index, entry in enumerate(entries):
-            tg.start_soon(show, index, entry)
-    return ServerModels(
-        url=server.url, address=address, up=True, models=[m for m in found if m is not None]
-    )
+    models = await run_all([e for e in json_objects(tags.get("models")) if _name(e)], show)
+    return ServerModels(url=server.url, address=address, up=True, models=models)
 
 
 async def fetch(
@@ -246,52 +227,28 @@ async def fetch(
     requests one server gets at a time. ``on_result`` is called as each server
     is done.
     """
-    import anyio
+    router = tool_router(min(timeout, 5.0), timeout)
 
-    from .._config import Timeout, env_api_key
-    from .._router import Router
-
-    api_key = env_api_key()
-    router = Router(
-        timeout=Timeout(connect=min(timeout, 5.0), first_token=timeout, probe=timeout),
-        health_ttl=0.0,
-        headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-    )
-    results: list[ServerModels | None] = [None] * len(checked.servers)
-
-    async def run(index: int, server: ServerCheck) -> None:
+    async def run(server: ServerCheck) -> ServerModels:
         if server.up:
-            result = await _fetch_server(router, server, concurrency)
-        else:
-            result = ServerModels(
-                url=server.url, address=server.address, up=False, error=server.error
-            )
-        results[index] = result
-        if on_result is not None:
-            on_result(result)
+            return await _fetch_server(router, server, concurrency)
+        return ServerModels(url=server.url, address=server.address, up=False, error=server.error)
 
     try:
-        async with anyio.create_task_group() as tg:
-            for index, server in enumerate(checked.servers):
-                tg.start_soon(run, index, server)
+        servers = await run_all(checked.servers, run, on_result)
     finally:
         await router.aclose()
-    return FetchReport(
-        metadata_dir=checked.metadata_dir, servers=[r for r in results if r is not None]
-    )
+    return FetchReport(metadata_dir=checked.metadata_dir, servers=servers)
 
 
 def build_parser(prog: str = "python -m aicortex.tools.fetch_models") -> ArgumentParser:
     """The command's arguments."""
-    parser = ArgumentParser(
-        prog=prog,
-        description=(
-            "Step 2 of the catalog refresh: read check_models' JSON, ask each live server for "
-            "its models (/api/tags) and their details (/api/show), and write them as JSON."
-        ),
+    parser = step_parser(
+        prog,
+        "Step 2 of the catalog refresh: read check_models' JSON, ask each live server for "
+        "its models (/api/tags) and their details (/api/show), and write them as JSON.",
+        "check_models' JSON",
     )
-    add_input_argument(parser, "check_models' JSON")
-    add_output_argument(parser)
     parser.add_argument(
         "--timeout",
         type=positive_seconds,
@@ -316,15 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
 
-    def body() -> int:
+    def body() -> None:
         import anyio
 
-        checked: CheckReport = parse_document(CheckReport, read_json(args.input), "check_models")
+        checked = read_document(CheckReport, args.input, "check_models")
         report = anyio.run(
             lambda: fetch(checked, timeout=args.timeout, concurrency=args.concurrency)
         )
-        write_text(dump_json(report.model_dump(mode="json")), args.output)
-        return 0
+        write_report(report, args.output)
 
     return run_tool("fetch_models", body)
 

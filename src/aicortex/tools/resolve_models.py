@@ -55,22 +55,15 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from .._exceptions import ValidationError
+from .._protocol import json_objects, model_key
+from .._urls import normalize_host
 from . import FORMAT_VERSION, catalog_directory, read_family_files
-from ._common import (
-    ArgumentParser,
-    add_input_argument,
-    add_output_argument,
-    dump_json,
-    parse_document,
-    read_json,
-    run_tool,
-    write_text,
-)
+from ._common import ArgumentParser, read_document, run_tool, step_parser, write_report
 from .fetch_models import FetchedModel, FetchReport
 
 __all__ = ["Change", "ResolvedCatalog", "human_size", "main", "merge", "resolve"]
@@ -78,10 +71,8 @@ __all__ = ["Change", "ResolvedCatalog", "human_size", "main", "merge", "resolve"
 _TAGS = {"completion": "chat", "thinking": "reasoning"}
 
 
-class Change(BaseModel):
+class Change(BaseModel, frozen=True):
     """One difference ``resolve`` made to the catalog."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     file: str
     model: str
@@ -97,10 +88,8 @@ class Change(BaseModel):
         return f"{self.model}: {self.server} {self.detail}"
 
 
-class ResolvedCatalog(BaseModel):
+class ResolvedCatalog(BaseModel, frozen=True):
     """The output of :func:`resolve`: the whole catalog, ready to validate and write."""
-
-    model_config: ClassVar[ConfigDict] = ConfigDict(frozen=True)
 
     version: Literal[1] = FORMAT_VERSION
     kind: Literal["aicortex.resolved"] = "aicortex.resolved"
@@ -124,15 +113,9 @@ def human_size(size: int | None) -> str:
     return f"{size}B"
 
 
-def _key(name: str) -> str:
-    from .._protocol import model_key
-
-    return model_key(name)
-
-
 def _base(name: str) -> str:
     """``library/qwen2.5:7b`` → ``qwen2.5``."""
-    return _key(name).rsplit("/", 1)[-1].partition(":")[0]
+    return model_key(name).rsplit("/", 1)[-1].partition(":")[0]
 
 
 def _strip_version(family: str) -> str:
@@ -145,8 +128,6 @@ def _tags(capabilities: Sequence[str]) -> list[str]:
 
 
 def _normal(url: str) -> str:
-    from .._urls import normalize_host
-
     try:
         return normalize_host(url)
     except ValidationError:
@@ -172,6 +153,8 @@ class _Server:
 @dataclass
 class _Merge:
     files: dict[str, dict[str, Any]]
+    servers: list[_Server]
+    by_url: dict[str, _Server]
     changes: list[Change] = field(default_factory=list[Change])
     warnings: list[str] = field(default_factory=list[str])
 
@@ -183,15 +166,19 @@ def merge(
 
     Returns the new files by name (sorted), the changes and the warnings.
     """
-    state = _Merge({name: copy.deepcopy(data) for name, data in files})
     servers = [
-        _Server(s.url, s.up, s.error, {_key(m.name) for m in s.models}) for s in fetched.servers
+        _Server(s.url, s.up, s.error, {model_key(m.name) for m in s.models})
+        for s in fetched.servers
     ]
-    by_url = {_normal(s.url): s for s in servers}
+    state = _Merge(
+        {name: copy.deepcopy(data) for name, data in files},
+        servers,
+        {_normal(s.url): s for s in servers},
+    )
     index: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, data in state.files.items():
-        for model in _models(data):
-            key = _key(str(model.get("name", "")))
+        for model in json_objects(data.get("models")):
+            key = model_key(str(model.get("name", "")))
             first = index.get(key)
             if first is not None:
                 state.warnings.append(
@@ -200,36 +187,19 @@ def merge(
                 )
             else:
                 index[key] = (name, model)
-            _update_servers(state, name, model, key, servers, by_url)
+            _update_servers(state, name, model, key)
     _add_new(state, index, fetched)
     return dict(sorted(state.files.items())), state.changes, state.warnings
 
 
-def _models(data: dict[str, Any]) -> list[dict[str, Any]]:
-    models: object = data.get("models")
-    if not isinstance(models, list):
-        return []
-    return [cast("dict[str, Any]", m) for m in cast("list[object]", models) if isinstance(m, dict)]
-
-
-def _update_servers(
-    state: _Merge,
-    file: str,
-    model: dict[str, Any],
-    key: str,
-    servers: list[_Server],
-    by_url: dict[str, _Server],
-) -> None:
+def _update_servers(state: _Merge, file: str, model: dict[str, Any], key: str) -> None:
     name = str(model.get("name", ""))
     raw: object = model.get("servers")
     entries = cast("list[object]", raw) if isinstance(raw, list) else []
     listed: set[str] = set()
-    for item in entries:
-        if not isinstance(item, dict):
-            continue
-        entry = cast("dict[str, Any]", item)
+    for entry in json_objects(entries):
         url = str(entry.get("url", ""))
-        server = by_url.get(_normal(url))
+        server = state.by_url.get(_normal(url))
         if server is None:
             continue
         listed.add(_normal(server.url))
@@ -241,7 +211,7 @@ def _update_servers(
             state.changes.append(
                 Change(file=file, model=name, change="status", server=url, detail=detail)
             )
-    for server in servers:
+    for server in state.servers:
         if server.up and key in server.keys and _normal(server.url) not in listed:
             entries.append({"url": server.url, "status": "up"})
             listed.add(_normal(server.url))
@@ -265,7 +235,7 @@ def _add_new(
         if not server.up:
             continue
         for found in server.models:
-            key = _key(found.name)
+            key = model_key(found.name)
             if not found.name or key in index:
                 continue  # known (servers were updated above) or already added
             if found.context_length is None:
@@ -279,9 +249,7 @@ def _add_new(
             file = families.get(family) or _new_file(state, family)
             families.setdefault(family, file)
             bases.setdefault(_base(found.name), family)
-            holders = [
-                s.url for s in fetched.servers if s.up and key in {_key(m.name) for m in s.models}
-            ]
+            holders = [s.url for s in state.servers if s.up and key in s.keys]
             model = _new_model(found, family, holders)
             state.files[file].setdefault("models", []).append(model)
             index[key] = (file, model)
@@ -354,16 +322,13 @@ def resolve(
 
 def build_parser(prog: str = "python -m aicortex.tools.resolve_models") -> ArgumentParser:
     """The command's arguments."""
-    parser = ArgumentParser(
-        prog=prog,
-        description=(
-            "Step 3 of the catalog refresh: read fetch_models' JSON and merge it into the "
-            "catalog: add new models, update server lists and statuses, keep everything "
-            "hand-written. Writes the merged catalog as JSON; changes no file."
-        ),
+    parser = step_parser(
+        prog,
+        "Step 3 of the catalog refresh: read fetch_models' JSON and merge it into the "
+        "catalog: add new models, update server lists and statuses, keep everything "
+        "hand-written. Writes the merged catalog as JSON; changes no file.",
+        "fetch_models' JSON",
     )
-    add_input_argument(parser, "fetch_models' JSON")
-    add_output_argument(parser)
     parser.add_argument(
         "--metadata-dir",
         metavar="DIR",
@@ -376,15 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m aicortex.tools.resolve_models``."""
     args = build_parser().parse_args(argv)
 
-    def body() -> int:
+    def body() -> None:
         import logging
 
-        fetched: FetchReport = parse_document(FetchReport, read_json(args.input), "fetch_models")
+        fetched = read_document(FetchReport, args.input, "fetch_models")
         resolved = resolve(args.metadata_dir, fetched)
         for warning in resolved.warnings:
             logging.getLogger("aicortex").warning("%s", warning)
-        write_text(dump_json(resolved.model_dump(mode="json")), args.output)
-        return 0
+        write_report(resolved, args.output)
 
     return run_tool("resolve_models", body)
 
