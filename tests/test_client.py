@@ -581,3 +581,18 @@ async def test_catalog_servers_are_used_when_none_are_configured(
     async with AsyncCortex(catalog=Catalog(tmp_path), timeout=QUICK) as client:
         assert client.candidates("tiny:1b") == [server.url, "http://127.0.0.1:11434"]
         assert await client.chat("hi", model="tiny:1b") == "from the catalog"
+
+
+async def test_an_unknown_keyword_argument_is_a_type_error_naming_it() -> None:
+    """chat() and build_api_request() take their shared arguments as **args; a typo
+    still fails the way Python reports one, before anything is sent."""
+    async with AsyncCortex(["http://127.0.0.1:9"], fallback=False) as client:
+        with pytest.raises(
+            TypeError, match="chat\\(\\) got an unexpected keyword argument 'temprature'"
+        ):
+            await client.chat("hi", model=MODEL, temprature=0.5)  # type: ignore[call-overload]
+        with pytest.raises(TypeError, match="unexpected keyword argument 'timeout'"):
+            client.build_api_request(MODEL, "hi", timeout=None)  # type: ignore[call-arg]
+        request = client.build_api_request(MODEL, "hi", system="be brief", options={"seed": 1})
+    assert request["json"]["messages"][0] == {"role": "system", "content": "be brief"}
+    assert request["json"]["options"] == {"seed": 1}

@@ -416,6 +416,31 @@ def test_one_broken_stream_does_not_take_the_servers_other_models_out(
     assert spare.count("/api/chat") == 0
 
 
+def test_the_user_field_or_the_affinity_header_keeps_a_conversation_on_one_server(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory
+) -> None:
+    """Round robin would alternate; a `user` (or `x-aicortex-affinity`, which wins) pins
+    every request of a conversation to one server."""
+    servers = [fake_ollama() for _ in range(3)]
+    url = serve(servers=[s.url for s in servers], routing="round_robin")
+
+    def server_for(**kwargs: Any) -> str:
+        response = httpx.post(url + "/v1/chat/completions", **kwargs)
+        assert response.status_code == 200
+        return response.headers["x-aicortex-server"]
+
+    plain = {server_for(json=HI) for _ in range(3)}
+    assert len(plain) == 3
+    by_user = {server_for(json={**HI, "user": "alice"}) for _ in range(4)}
+    assert len(by_user) == 1
+    header = {"x-aicortex-affinity": "conversation-9"}
+    by_header = {server_for(json=HI, headers=header) for _ in range(4)}
+    assert len(by_header) == 1
+    assert {server_for(json={**HI, "user": "bob"}, headers=header)} == by_header
+    streamed = server_for(json={**HI, "stream": True}, headers=header)
+    assert {streamed} == by_header
+
+
 def test_running_out_of_total_time_is_504_upstream_timeout(
     serve: ServeFactory, fake_ollama: FakeOllamaFactory
 ) -> None:

@@ -617,3 +617,11 @@ def test_the_blocking_twin_routes_and_reports_states_like_the_async_one(
     assert [s.url for s in states] == [s.url for s in servers]
     assert all(s.state == "healthy" and s.in_flight == 0 for s in states)
     assert states[1].weight == 2
+
+
+def test_an_unknown_keyword_argument_fails_at_once_even_for_a_stream(
+    cortex: CortexFactory,
+) -> None:
+    client = cortex("http://127.0.0.1:9")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sytem'"):
+        client.chat("hi", model=MODEL, stream=True, sytem="x")  # type: ignore[call-overload]

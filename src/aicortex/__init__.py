@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from ._catalog import ServerEntry as ServerEntry
     from ._client import ApiRequest as ApiRequest
     from ._client import AsyncCortex as AsyncCortex
+    from ._client import ChatArgs as ChatArgs
+    from ._client import RequestArgs as RequestArgs
     from ._health import ServerInfo as ServerInfo
     from ._lookup import families as families
     from ._lookup import llm_params as llm_params
@@ -70,6 +72,8 @@ _LAZY = {
     "ServerEntry": "_catalog",
     "ApiRequest": "_client",
     "AsyncCortex": "_client",
+    "ChatArgs": "_client",
+    "RequestArgs": "_client",
     "ServerInfo": "_health",
     "Message": "_protocol",
     "Server": "_routing",
@@ -86,6 +90,7 @@ __all__ = [
     "AsyncStream",
     "Attempt",
     "Catalog",
+    "ChatArgs",
     "Cortex",
     "CortexTimeoutError",
     "EventType",
@@ -93,6 +98,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFoundError",
     "ParamRange",
+    "RequestArgs",
     "Server",
     "ServerEntry",
     "ServerError",

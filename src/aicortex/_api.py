@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Mapping, Sequence
-from os import PathLike
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
-from ._client import ApiRequest, AsyncCortex, Prompt
-from ._config import Timeout
+from ._client import ApiRequest, AsyncCortex, ChatArgs, Prompt, RequestArgs
 from ._health import ServerInfo
 from ._sync import Cortex, Stream
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "build_api_request",
@@ -49,89 +49,27 @@ def chat(
     *,
     model: str | None = None,
     stream: Literal[False] = False,
-    server_url: str | None = None,
-    system: str | None = None,
-    options: Mapping[str, Any] | None = None,
-    format: str | Mapping[str, Any] | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes | PathLike[str]] | None = None,
-    think: bool | Literal["low", "medium", "high", "max"] | None = None,
-    keep_alive: float | str | None = None,
-    timeout: Timeout | None = None,
-    affinity: str | None = None,
+    **args: Unpack[ChatArgs],
 ) -> str: ...
 
 
 @overload
 def chat(
-    prompt: Prompt,
-    *,
-    model: str | None = None,
-    stream: Literal[True],
-    server_url: str | None = None,
-    system: str | None = None,
-    options: Mapping[str, Any] | None = None,
-    format: str | Mapping[str, Any] | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes | PathLike[str]] | None = None,
-    think: bool | Literal["low", "medium", "high", "max"] | None = None,
-    keep_alive: float | str | None = None,
-    timeout: Timeout | None = None,
-    affinity: str | None = None,
+    prompt: Prompt, *, model: str | None = None, stream: Literal[True], **args: Unpack[ChatArgs]
 ) -> Stream: ...
 
 
 @overload
 def chat(
-    prompt: Prompt,
-    *,
-    model: str | None = None,
-    stream: bool,
-    server_url: str | None = None,
-    system: str | None = None,
-    options: Mapping[str, Any] | None = None,
-    format: str | Mapping[str, Any] | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes | PathLike[str]] | None = None,
-    think: bool | Literal["low", "medium", "high", "max"] | None = None,
-    keep_alive: float | str | None = None,
-    timeout: Timeout | None = None,
-    affinity: str | None = None,
+    prompt: Prompt, *, model: str | None = None, stream: bool, **args: Unpack[ChatArgs]
 ) -> str | Stream: ...
 
 
 def chat(
-    prompt: Prompt,
-    *,
-    model: str | None = None,
-    stream: bool = False,
-    server_url: str | None = None,
-    system: str | None = None,
-    options: Mapping[str, Any] | None = None,
-    format: str | Mapping[str, Any] | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes | PathLike[str]] | None = None,
-    think: bool | Literal["low", "medium", "high", "max"] | None = None,
-    keep_alive: float | str | None = None,
-    timeout: Timeout | None = None,
-    affinity: str | None = None,
+    prompt: Prompt, *, model: str | None = None, stream: bool = False, **args: Unpack[ChatArgs]
 ) -> str | Stream:
     """Chat through the default :class:`Cortex`; see :meth:`AsyncCortex.chat`."""
-    return get_default_cortex().chat(
-        prompt,
-        model=model,
-        stream=stream,
-        server_url=server_url,
-        system=system,
-        options=options,
-        format=format,
-        tools=tools,
-        images=images,
-        think=think,
-        keep_alive=keep_alive,
-        timeout=timeout,
-        affinity=affinity,
-    )
+    return get_default_cortex().chat(prompt, model=model, stream=stream, **args)
 
 
 def server_info(model: str | None = None, server_url: str | None = None) -> ServerInfo:
@@ -140,30 +78,7 @@ def server_info(model: str | None = None, server_url: str | None = None) -> Serv
 
 
 def build_api_request(
-    model: str,
-    prompt: Prompt,
-    *,
-    stream: bool = True,
-    server_url: str | None = None,
-    system: str | None = None,
-    options: Mapping[str, Any] | None = None,
-    format: str | Mapping[str, Any] | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    images: Sequence[str | bytes | PathLike[str]] | None = None,
-    think: bool | Literal["low", "medium", "high", "max"] | None = None,
-    keep_alive: float | str | None = None,
+    model: str, prompt: Prompt, *, stream: bool = True, **args: Unpack[RequestArgs]
 ) -> ApiRequest:
     """The request a chat would send, without sending it (no I/O)."""
-    return AsyncCortex().build_api_request(
-        model,
-        prompt,
-        stream=stream,
-        server_url=server_url,
-        system=system,
-        options=options,
-        format=format,
-        tools=tools,
-        images=images,
-        think=think,
-        keep_alive=keep_alive,
-    )
+    return AsyncCortex().build_api_request(model, prompt, stream=stream, **args)

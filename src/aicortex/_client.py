@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, TypedDict, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, cast, overload
 
 import anyio
 import httpx
@@ -61,11 +61,72 @@ from ._routing import (
 from ._stream import DEFAULT_MAX_LINE, AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
 
-__all__ = ["ApiRequest", "AsyncCortex", "whole_answer"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["ApiRequest", "AsyncCortex", "ChatArgs", "RequestArgs", "whole_answer"]
 
 logger = logging.getLogger("aicortex")
 
 Prompt = str | Sequence[Mapping[str, Any] | Message]
+
+
+class RequestArgs(TypedDict, total=False):
+    """The keyword arguments of a chat request, besides ``model`` and ``stream``; each
+    may be left out (or None).
+
+    ``server_url`` sends it to that server only. The others are Ollama's own:
+    ``system`` (a system message put first), ``options`` (model options such as
+    ``temperature`` or ``num_ctx``), ``format`` (``"json"`` or a JSON schema),
+    ``tools``, ``images`` (paths, bytes or base64, added to the last user message),
+    ``think`` and ``keep_alive``.
+    """
+
+    server_url: str | None
+    system: str | None
+    options: Mapping[str, Any] | None
+    format: str | Mapping[str, Any] | None
+    tools: Sequence[Mapping[str, Any]] | None
+    images: Sequence[str | bytes | PathLike[str]] | None
+    think: bool | Literal["low", "medium", "high", "max"] | None
+    keep_alive: float | str | None
+
+
+class ChatArgs(RequestArgs, total=False):
+    """:class:`RequestArgs` plus ``timeout`` (a :class:`Timeout` for this call
+    only) and ``affinity`` (a key, such as a conversation id, that sends every
+    chat with it to the same healthy server, so that it can reuse its prompt cache).
+    """
+
+    timeout: Timeout | None
+    affinity: str | None
+
+
+CHAT_ARGS = ChatArgs.__optional_keys__
+REQUEST_ARGS = RequestArgs.__optional_keys__
+
+
+def check_args(func: str, args: Mapping[str, object], allowed: frozenset[str]) -> None:
+    """What Python says of an unknown keyword argument, for ``**args`` signatures."""
+    for name in args:
+        if name not in allowed:
+            raise TypeError(f"{func}() got an unexpected keyword argument {name!r}")
+
+
+def _body(model: str, prompt: Prompt, stream: bool, args: RequestArgs) -> dict[str, Any]:
+    """The ``/api/chat`` body for ``prompt`` and ``args``."""
+    messages = build_messages(prompt, system=args.get("system"), images=args.get("images"))
+    return build_chat_body(
+        model,
+        messages,
+        stream=stream,
+        options=args.get("options"),
+        format=args.get("format"),
+        tools=args.get("tools"),
+        think=args.get("think"),
+        keep_alive=args.get("keep_alive"),
+    )
+
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # How a Python caller names its servers; the command line says it its own way.
@@ -278,16 +339,7 @@ class AsyncCortex:
         *,
         model: str | None = None,
         stream: Literal[False] = False,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        **args: Unpack[ChatArgs],
     ) -> str: ...
 
     @overload
@@ -297,35 +349,12 @@ class AsyncCortex:
         *,
         model: str | None = None,
         stream: Literal[True],
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        **args: Unpack[ChatArgs],
     ) -> AsyncStream: ...
 
     @overload
     async def chat(
-        self,
-        prompt: Prompt,
-        *,
-        model: str | None = None,
-        stream: bool,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        self, prompt: Prompt, *, model: str | None = None, stream: bool, **args: Unpack[ChatArgs]
     ) -> str | AsyncStream: ...
 
     async def chat(
@@ -334,79 +363,35 @@ class AsyncCortex:
         *,
         model: str | None = None,
         stream: bool = False,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        **args: Unpack[ChatArgs],
     ) -> str | AsyncStream:
         """Send a chat to the best available server.
 
         Returns the answer's text, or with ``stream=True`` an :class:`AsyncStream`
         that is already connected (its first token has arrived). Failures before
         the first token move on to the next server; see the README for the rules.
-        ``affinity`` (for example a conversation id) sends every chat with the same
-        key to the same healthy server, so that it can reuse its prompt cache.
+        The other keyword arguments are :class:`ChatArgs`.
         """
-        call = self._prepare(
-            prompt,
-            model=model,
-            server_url=server_url,
-            system=system,
-            options=options,
-            format=format,
-            tools=tools,
-            images=images,
-            think=think,
-            keep_alive=keep_alive,
-            timeout=timeout,
-            affinity=affinity,
-        )
+        check_args("chat", args, CHAT_ARGS)
+        call = self._prepare(prompt, model, args)
         if stream:
             return await self._open(call, [])
         return (await self._collect(call)).partial_text
 
-    def _prepare(
-        self,
-        prompt: Prompt,
-        *,
-        model: str | None = None,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
-    ) -> _Call:
+    def _prepare(self, prompt: Prompt, model: str | None, args: ChatArgs) -> _Call:
         """Check a chat's arguments and plan it: body, servers to try, limits."""
         self._router.check_open()
         model = model or self.default_model()
-        body = build_chat_body(
-            model,
-            build_messages(prompt, system=system, images=images),
-            stream=True,
-            options=options,
-            format=format,
-            tools=tools,
-            think=think,
-            keep_alive=keep_alive,
-        )
+        body = _body(model, prompt, True, args)
+        timeout = args.get("timeout")
         t = timeout if timeout is not None else self._timeout
         if not isinstance(t, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError("timeout must be an aicortex.Timeout.")
         deadline = None if t.total is None else anyio.current_time() + t.total
+        affinity = args.get("affinity")
         if affinity is not None and not isinstance(affinity, str):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError(f"affinity must be a string, not {affinity!r}.")
-        candidates = self.candidates(model, server_url)
+        candidates = self.candidates(model, args.get("server_url"))
         return _Call(encode_body(body), model, candidates, t, deadline, affinity or None)
 
     async def _collect(self, call: _Call) -> AsyncStream:
@@ -685,37 +670,18 @@ class AsyncCortex:
     # -- offline helpers -----------------------------------------------------
 
     def build_api_request(
-        self,
-        model: str,
-        prompt: Prompt,
-        *,
-        stream: bool = True,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
+        self, model: str, prompt: Prompt, *, stream: bool = True, **args: Unpack[RequestArgs]
     ) -> ApiRequest:
         """The request a chat would send to its first candidate server, without sending it.
 
         aicortex itself always streams from Ollama (``"stream": true``) and joins
         the chunks for non-streamed calls; pass ``stream=False`` to get a body for
-        a one-shot JSON answer instead.
+        a one-shot JSON answer instead. The other keyword arguments are
+        :class:`RequestArgs`.
         """
-        body = build_chat_body(
-            model,
-            build_messages(prompt, system=system, images=images),
-            stream=stream,
-            options=options,
-            format=format,
-            tools=tools,
-            think=think,
-            keep_alive=keep_alive,
-        )
-        url = self.candidates(model, server_url)[0]
+        check_args("build_api_request", args, REQUEST_ARGS)
+        body = _body(model, prompt, stream, args)
+        url = self.candidates(model, args.get("server_url"))[0]
         return ApiRequest(method="POST", url=url + CHAT_PATH, path=CHAT_PATH, json=body)
 
     def families(self) -> list[str]:
@@ -744,29 +710,11 @@ class AsyncCortex:
 
 
 async def whole_answer(
-    cortex: AsyncCortex,
-    prompt: Prompt,
-    *,
-    model: str | None = None,
-    options: Mapping[str, Any] | None = None,
-    format: str | Mapping[str, Any] | None = None,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    think: bool | Literal["low", "medium", "high", "max"] | None = None,
-    keep_alive: float | str | None = None,
-    affinity: str | None = None,
+    cortex: AsyncCortex, prompt: Prompt, *, model: str | None = None, **args: Unpack[ChatArgs]
 ) -> AsyncStream:
     """A chat's whole answer as a finished :class:`AsyncStream`: its text, thinking,
     tool calls and stats, with the same retries as ``chat()`` without streaming."""
-    call = cortex._prepare(  # pyright: ignore[reportPrivateUsage]
-        prompt,
-        model=model,
-        options=options,
-        format=format,
-        tools=tools,
-        think=think,
-        keep_alive=keep_alive,
-        affinity=affinity,
-    )
+    call = cortex._prepare(prompt, model, args)  # pyright: ignore[reportPrivateUsage]
     return await cortex._collect(call)  # pyright: ignore[reportPrivateUsage]
 
 

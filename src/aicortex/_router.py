@@ -111,7 +111,8 @@ class Router:
         self._chat_templates: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
         self._inflight: dict[str, anyio.Event] = {}
         self._probed: dict[str, Health] = {}  # the last probe of each server
-        self._background: set[anyio.CancelScope] = set()  # probes no request waits for
+        # Probes no request waits for, and the events set when each one has ended.
+        self._background: dict[anyio.CancelScope, anyio.Event] = {}
         self._closed = False
 
     @staticmethod
@@ -301,14 +302,16 @@ class Router:
             return
         self.pool(url)
         scope = anyio.CancelScope()
-        self._background.add(scope)
+        done = anyio.Event()
+        self._background[scope] = done
 
         async def run() -> None:
             try:
                 with scope:
                     await self.probe_once(url)
             finally:
-                self._background.discard(scope)
+                del self._background[scope]
+                done.set()
 
         run_soon(current_loop(), run)
 
@@ -365,11 +368,16 @@ class Router:
     async def aclose(self) -> None:
         """Stop the background probes and close every pooled connection."""
         self._closed = True
-        for scope in list(self._background):
+        background = list(self._background.items())
+        for scope, _ in background:
             scope.cancel()
         pools = list(self._pools.values())
         self._pools.clear()
         with anyio.CancelScope(shield=True):
+            # A probe cut short closes its own connection; let it, then close the pools.
+            with anyio.move_on_after(1.0):
+                for _, done in background:
+                    await done.wait()
             for pool in pools:
                 await pool.aclose()
 

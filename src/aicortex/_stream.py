@@ -9,7 +9,7 @@ import math
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import httpx
@@ -24,9 +24,7 @@ from ._routing import FailureKind
 if TYPE_CHECKING:
     from trio.lowlevel import TrioToken
 
-    from ._router import Lease
-
-__all__ = ["DEFAULT_MAX_LINE", "AsyncStream", "StartFailed"]
+__all__ = ["DEFAULT_MAX_LINE", "AsyncStream", "StartFailed", "StreamLease"]
 
 DEFAULT_MAX_LINE = 8 * 1024 * 1024
 """The longest NDJSON line a stream accepts, in bytes."""
@@ -39,6 +37,15 @@ _MORE: Any = object()  # every line read so far is decoded: read more
 
 # Stream states.
 _NEW, _RUNNING, _FINISHING, _FINISHED, _FAILED, _CLOSED = range(6)
+
+
+class StreamLease(Protocol):
+    """What a stream tells about its request: that the answer broke, and that the
+    request is over (``completed``: it ended cleanly)."""
+
+    def failed(self, reason: str) -> None: ...
+
+    def release(self, completed: bool = False) -> None: ...
 
 
 class StartFailed(Exception):
@@ -93,7 +100,7 @@ class AsyncStream:
         deadline: float | None = None,
         total: float | None = None,
         idle: float | None = None,
-        lease: Lease | None = None,
+        lease: StreamLease | None = None,
         max_line: int = DEFAULT_MAX_LINE,
     ) -> None:
         # deadline: the caller's total limit, checked at every read; idle: a gap limit

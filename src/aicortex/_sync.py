@@ -16,16 +16,15 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
-from os import PathLike
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Literal, TypeVar, overload
 
 import anyio
 import httpx
 from anyio.from_thread import BlockingPortal
 
 from ._catalog import Catalog, ModelInfo, ServerEntry
-from ._client import ApiRequest, AsyncCortex, Prompt
+from ._client import CHAT_ARGS, ApiRequest, AsyncCortex, ChatArgs, Prompt, RequestArgs, check_args
 from ._config import DEFAULT_HEALTH_TTL, Timeout
 from ._events import Stats, StreamEvent, ToolCall
 from ._exceptions import StreamError
@@ -33,6 +32,9 @@ from ._health import ServerInfo
 from ._pools import HttpChoice, TransportName
 from ._routing import Server, ServerState, Strategy
 from ._stream import DEFAULT_MAX_LINE, AsyncStream
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Cortex", "Stream"]
 
@@ -215,16 +217,7 @@ class Cortex:
         *,
         model: str | None = None,
         stream: Literal[False] = False,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        **args: Unpack[ChatArgs],
     ) -> str: ...
 
     @overload
@@ -234,35 +227,12 @@ class Cortex:
         *,
         model: str | None = None,
         stream: Literal[True],
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        **args: Unpack[ChatArgs],
     ) -> Stream: ...
 
     @overload
     def chat(
-        self,
-        prompt: Prompt,
-        *,
-        model: str | None = None,
-        stream: bool,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        self, prompt: Prompt, *, model: str | None = None, stream: bool, **args: Unpack[ChatArgs]
     ) -> str | Stream: ...
 
     def chat(
@@ -271,40 +241,20 @@ class Cortex:
         *,
         model: str | None = None,
         stream: bool = False,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
-        timeout: Timeout | None = None,
-        affinity: str | None = None,
+        **args: Unpack[ChatArgs],
     ) -> str | Stream:
         """Blocking :meth:`AsyncCortex.chat`: the text, or a :class:`Stream` if ``stream=True``."""
-        kwargs: dict[str, Any] = {
-            "model": model,
-            "server_url": server_url,
-            "system": system,
-            "options": options,
-            "format": format,
-            "tools": tools,
-            "images": images,
-            "think": think,
-            "keep_alive": keep_alive,
-            "timeout": timeout,
-            "affinity": affinity,
-        }
+        check_args("chat", args, CHAT_ARGS)
         if stream:
 
             async def opener() -> AsyncStream:
-                return await self._async.chat(prompt, stream=True, **kwargs)
+                return await self._async.chat(prompt, model=model, stream=True, **args)
 
             opened = Stream(self._portal(), opener)
             self._streams.add(opened)
             return opened
-        return self._run(functools.partial(self._async.chat, prompt, stream=False, **kwargs))
+        chat = functools.partial(self._async.chat, prompt, model=model, stream=False, **args)
+        return self._run(chat)
 
     # -- live information ----------------------------------------------------
 
@@ -325,34 +275,10 @@ class Cortex:
     # -- offline helpers (no I/O, so no trip through the loop) ---------------
 
     def build_api_request(
-        self,
-        model: str,
-        prompt: Prompt,
-        *,
-        stream: bool = True,
-        server_url: str | None = None,
-        system: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        images: Sequence[str | bytes | PathLike[str]] | None = None,
-        think: bool | Literal["low", "medium", "high", "max"] | None = None,
-        keep_alive: float | str | None = None,
+        self, model: str, prompt: Prompt, *, stream: bool = True, **args: Unpack[RequestArgs]
     ) -> ApiRequest:
         """See :meth:`AsyncCortex.build_api_request`."""
-        return self._async.build_api_request(
-            model,
-            prompt,
-            stream=stream,
-            server_url=server_url,
-            system=system,
-            options=options,
-            format=format,
-            tools=tools,
-            images=images,
-            think=think,
-            keep_alive=keep_alive,
-        )
+        return self._async.build_api_request(model, prompt, stream=stream, **args)
 
     def default_model(self) -> str:
         """See :meth:`AsyncCortex.default_model`."""

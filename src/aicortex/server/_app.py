@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from .._client import AsyncCortex
 from .._config import Timeout
 from .._pools import HttpChoice, connection_limits, http_choice
 from .._protocol import model_key
-from .._routing import Strategy, routing_choice
+from .._routing import Server, Strategy, routing_choice
 from ._auth import KeyChecker, load_keys
 from ._errors import ProxyError
 from ._gateway import ClientGone, Gateway, Receive, Send, dumps, read_body, request_id, send_json
@@ -51,7 +52,7 @@ class CortexHandle:
     def __init__(
         self,
         cortex: AsyncCortex | None,
-        servers: Sequence[str] | str | None = None,
+        servers: Sequence[str | Server] | str | None = None,
         timeout: Timeout | None = None,
         http: HttpChoice | None = None,
         max_connections: int | None = None,
@@ -114,6 +115,9 @@ class _ChatCompletions(_Endpoint):
         except ClientGone:
             return
         call = to_chat_call(parse_chat_request(decode_json(body)))
+        affinity = _header(scope, b"x-aicortex-affinity")
+        if affinity:  # the header wins over the body's "user"
+            call = dataclasses.replace(call, affinity=affinity)
         cortex = self.handle.cortex
         created = int(time.time())
         cid = completion_id()
@@ -229,6 +233,14 @@ class _Ready(_Endpoint):
         await send_json(send, 200 if ready else 503, dumps(body))
 
 
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    """The value of header ``name`` (lower-case) in ``scope``, or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1").strip() or None
+    return None
+
+
 async def _health(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
@@ -251,7 +263,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(
     cortex: AsyncCortex | None = None,
     *,
-    servers: Sequence[str] | str | None = None,
+    servers: Sequence[str | Server] | str | None = None,
     timeout: Timeout | None = None,
     api_keys: Iterable[str] | None = None,
     api_key_file: str | os.PathLike[str] | None = None,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .._pools import HttpChoice
-    from .._routing import Strategy
+    from .._routing import Server, Strategy
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
 
@@ -25,7 +25,7 @@ DEFAULT_PORT = 8000
 def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    servers: Sequence[str] | None = None,
+    servers: Sequence[str | Server] | None = None,
     api_key_file: str | os.PathLike[str] | None = None,
     *,
     max_body_size: int | None = None,

@@ -123,6 +123,7 @@ class ChatRequest(_Model):
     tool_choice: Any = None
     n: int | None = None
     reasoning_effort: str | None = None
+    user: str | None = None  # routes the conversation to one server (affinity)
     # Ollama's own knobs, which its /v1 layer cannot pass.
     options: dict[str, Any] | None = None
     keep_alive: float | str | None = None

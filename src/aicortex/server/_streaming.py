@@ -144,6 +144,7 @@ async def open_stream(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
         tools=call.tools,
         think=call.think,
         keep_alive=call.keep_alive,
+        affinity=call.affinity,
     )
 
 
@@ -159,6 +160,7 @@ async def collect(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
         tools=call.tools,
         think=call.think,
         keep_alive=call.keep_alive,
+        affinity=call.affinity,
     )
 
 

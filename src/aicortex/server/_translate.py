@@ -68,6 +68,7 @@ class ChatCall:
     tools: list[dict[str, Any]] | None = None
     think: Think | None = None
     keep_alive: float | str | None = None
+    affinity: str | None = None
 
 
 # --- request ---------------------------------------------------------------------------
@@ -219,6 +220,7 @@ def to_chat_call(request: ChatRequest) -> ChatCall:
         tools=tools,
         think=think,
         keep_alive=request.keep_alive,
+        affinity=request.user or None,
     )
 
 
