@@ -460,3 +460,22 @@ async def test_servers_accept_urls_and_server_entries_alike() -> None:
         states = {s.url: s for s in client.server_states()}
         assert states["http://gpu:11434"].weight == 2
         assert states["http://gpu:11434"].state == "unknown"
+
+
+async def test_server_url_takes_a_server_entry_too(fake_ollama: FakeOllamaFactory) -> None:
+    """A Server given to one call is that call's only server, with its options."""
+    first, second = fake_ollama(chat=stall_after(["x"], 1)), fake_ollama(chat=reply("second"))
+    async with cortex(second.url) as client:
+        only = Server(first.url + "/", max_concurrency=1)
+        held = await client.chat("hi", model=MODEL, stream=True, server_url=only)
+        try:
+            assert held.server == first.url
+            with pytest.raises(ServerError) as info:  # full, and no other server for it
+                await client.chat(
+                    "hi", model=MODEL, server_url=only, timeout=Timeout(first_token=0.3)
+                )
+            assert info.value.attempts[0].kind == "busy"
+            assert "max_concurrency" in info.value.attempts[0].reason
+        finally:
+            await held.aclose()
+        assert await client.chat("hi", model=MODEL) == "second"

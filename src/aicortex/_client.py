@@ -82,7 +82,7 @@ class RequestArgs(TypedDict, total=False):
     ``think`` and ``keep_alive``.
     """
 
-    server_url: str | None
+    server_url: str | Server | None
     system: str | None
     options: Mapping[str, Any] | None
     format: str | Mapping[str, Any] | None
@@ -309,8 +309,14 @@ class AsyncCortex:
         """``model=`` of the constructor, else ``AICORTEX_MODEL``, else the catalog's default."""
         return self._model or env_model() or self.catalog.default_model()
 
-    def candidates(self, model: str | None = None, server_url: str | None = None) -> list[str]:
+    def candidates(
+        self, model: str | None = None, server_url: str | Server | None = None
+    ) -> list[str]:
         """The servers that would be considered for ``model``, in preference order."""
+        if isinstance(server_url, Server):
+            [server] = _as_servers([server_url])
+            self._router.fleet.configure(server)
+            return [server.url]
         if server_url is not None:
             return [normalize_host(server_url)]
         urls = list(self._servers)

@@ -218,12 +218,17 @@ class Fleet:
         """The node for ``url``, made on first use."""
         node = self.nodes.get(url)
         if node is None:
-            option = self._options.get(url)
             node = self.nodes[url] = Node(url)
+            option = self._options.get(url)
             if option is not None:
-                node.weight = float(option.weight)
-                node.cap = math.inf if option.max_concurrency is None else option.max_concurrency
+                _apply(node, option)
         return node
+
+    def configure(self, server: Server) -> None:
+        """Use ``server``'s weight and ``max_concurrency`` for its URL from now on."""
+        self._options[server.url] = server
+        if server.url in self.nodes:
+            _apply(self.nodes[server.url], server)
 
     # -- what happened -------------------------------------------------------
 
@@ -529,6 +534,11 @@ class Fleet:
             weight=node.weight,
             max_concurrency=None if node.cap == math.inf else int(node.cap),
         )
+
+
+def _apply(node: Node, server: Server) -> None:
+    node.weight = float(server.weight)
+    node.cap = math.inf if server.max_concurrency is None else server.max_concurrency
 
 
 def _reopen(node: Node) -> None:

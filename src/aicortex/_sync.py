@@ -284,7 +284,9 @@ class Cortex:
         """See :meth:`AsyncCortex.default_model`."""
         return self._async.default_model()
 
-    def candidates(self, model: str | None = None, server_url: str | None = None) -> list[str]:
+    def candidates(
+        self, model: str | None = None, server_url: str | Server | None = None
+    ) -> list[str]:
         """See :meth:`AsyncCortex.candidates`."""
         return self._async.candidates(model, server_url)
 
