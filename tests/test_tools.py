@@ -585,7 +585,7 @@ def test_the_four_tools_chain_through_pipes(
         env=env,
     )
     assert step1.returncode == 0, step1.stderr
-    assert f"Ollama server {local_down} is down" in step1.stderr  # logged, not fatal
+    assert f"Server {local_down} is down" in step1.stderr  # logged, not fatal
     step2 = run_command(["-m", "aicortex.tools.fetch_models"], stdin=step1.stdout)
     step3 = run_command(["-m", "aicortex.tools.resolve_models"], stdin=step2.stdout)
     dry = run_command(["-m", "aicortex.tools.apply_valid_models", "--dry-run"], stdin=step3.stdout)

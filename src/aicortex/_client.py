@@ -35,6 +35,10 @@ from ._exceptions import (
     ValidationError,
 )
 from ._health import Health, ServerInfo, unique
+from ._openai import CHAT_PATH as OPENAI_CHAT
+from ._openai import SSETranslator
+from ._openai import chat_body as openai_chat_body
+from ._openai import classify_status as openai_status
 from ._pools import HttpChoice, TransportName, connection_limits, http_choice
 from ._protocol import (
     CHAT_PATH,
@@ -51,6 +55,7 @@ from ._routing import (
     FAILURES_TO_EJECT,
     FULL,
     MODEL,
+    UNLISTED,
     FailureKind,
     Fleet,
     Server,
@@ -146,11 +151,13 @@ class _Call(NamedTuple):
     """A planned chat: what to send, to which servers, within which limits."""
 
     body: bytes  # the JSON sent to /api/chat
+    request: dict[str, Any]  # the same, as a dict (OpenAI-style servers get it translated)
     model: str
     candidates: list[str]
     timeout: Timeout
     deadline: float | None
     affinity: str | None
+    explicit: bool  # the caller named the server (server_url=)
 
 
 ServerSpec = str | Server
@@ -162,11 +169,15 @@ def _as_servers(servers: Sequence[ServerSpec] | str | None) -> list[Server]:
     items = split_servers(servers) if isinstance(servers, str) else list(servers or ())
     found: dict[str, Server] = {}
     for item in items or env_servers():
-        if isinstance(item, Server):
+        if isinstance(item, str):
+            api, _, rest = item.strip().partition("+")
+            shorthand = rest and api in ("ollama", "openai")  # openai+http://host:8000
+            item = Server(rest, api=api) if shorthand else Server(item)  # type: ignore[arg-type]
+        if isinstance(item, Server):  # pyright: ignore[reportUnnecessaryIsInstance]
             url = normalize_host(item.url)
+            if item.api != "ollama" and url.endswith("/v1"):
+                url = url[: -len("/v1")]  # OpenAI clients' base URL: the server's root
             server = item if url == item.url else dataclasses.replace(item, url=url)
-        elif isinstance(item, str):  # pyright: ignore[reportUnnecessaryIsInstance]
-            server = Server(normalize_host(item))
         else:
             raise ValidationError(
                 f"servers must hold URL strings or aicortex.Server, not {item!r}."
@@ -398,7 +409,10 @@ class AsyncCortex:
         if affinity is not None and not isinstance(affinity, str):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError(f"affinity must be a string, not {affinity!r}.")
         candidates = self.candidates(model, args.get("server_url"))
-        return _Call(encode_body(body), model, candidates, t, deadline, affinity or None)
+        explicit = args.get("server_url") is not None
+        return _Call(
+            encode_body(body), body, model, candidates, t, deadline, affinity or None, explicit
+        )
 
     async def _collect(self, call: _Call) -> AsyncStream:
         """A stream read to its end. Nothing has reached the caller yet, so a stream
@@ -431,7 +445,7 @@ class AsyncCortex:
         return await self._route(call, attempts)
 
     async def _route(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
-        body, model, candidates, t, deadline, affinity = call
+        _, _, model, candidates, t, deadline, affinity, explicit = call
         router = self._router
         fleet = router.fleet
         key = model_key(model)
@@ -451,12 +465,12 @@ class AsyncCortex:
             _note_down(found, attempts, out)
             untried = [c for c in untried if c not in out]
             now = router.now()
-            url = fleet.pick(untried, key, now, strategy, affinity)
+            url = fleet.pick(untried, key, now, strategy, affinity, explicit=explicit)
             if url is None and untried:
                 # Every candidate left is held back: see what can still be done.
                 with _total_deadline(deadline, t):
                     step = await self._when_held(
-                        untried, key, strategy, attempts, out, forced, busy_until
+                        untried, call, strategy, attempts, out, forced, busy_until
                     )
                 if step is True:
                     continue
@@ -464,7 +478,7 @@ class AsyncCortex:
             if url is None:
                 break
             try:
-                return await self._attempt(url, body, model, t, deadline)
+                return await self._attempt(url, call)
             except _Failed as exc:
                 if exc.kind != "busy":
                     out.add(url)
@@ -476,6 +490,8 @@ class AsyncCortex:
                 else:
                     router.failed(url, exc.record, exc.reason, key, model)
                 attempts.append(Attempt(url, exc.reason, kind))
+        missing_on += [a.server for a in attempts if a.kind == "model_missing"]
+        missing_on = unique(missing_on)
         if missing_on:
             live: list[str] = []
             for url in missing_on:
@@ -488,7 +504,7 @@ class AsyncCortex:
     async def _when_held(
         self,
         untried: list[str],
-        key: str,
+        call: _Call,
         strategy: Strategy,
         attempts: list[Attempt],
         out: set[str],
@@ -503,7 +519,11 @@ class AsyncCortex:
         router = self._router
         fleet = router.fleet
         now = router.now()
-        holds = sorted(((u, *fleet.hold(u, key, now)) for u in untried), key=lambda h: h[2])
+        key = model_key(call.model)
+        holds = sorted(
+            ((u, *fleet.hold(u, key, now, explicit=call.explicit)) for u in untried),
+            key=lambda h: h[2],
+        )
         down = [u for u, why, _ in holds if why == DOWN and u not in forced]
         if down:
             forced.update(down)
@@ -511,7 +531,10 @@ class AsyncCortex:
             _note_down(found, attempts, out)
             return True
         for u, why, until in holds:
-            if why == MODEL:
+            if why == UNLISTED:
+                out.add(u)
+                attempts.append(Attempt(u, f"does not list model {call.model!r}", "model_missing"))
+            elif why == MODEL:
                 out.add(u)
                 attempts.append(Attempt(u, _pair_reason(fleet, u, key, until, now), "ejected"))
             elif why == DOWN and u not in out:
@@ -527,14 +550,8 @@ class AsyncCortex:
         await anyio.sleep(wait)
         return True
 
-    async def _attempt(
-        self,
-        url: str,
-        body: bytes,
-        model: str,
-        t: Timeout,
-        deadline: float | None,
-    ) -> AsyncStream:
+    async def _attempt(self, url: str, call: _Call) -> AsyncStream:
+        model, t, deadline = call.model, call.timeout, call.deadline
         now = anyio.current_time()
         limit = t.first_token
         total_binds = False  # whether the caller's total limit comes before first_token's
@@ -549,7 +566,17 @@ class AsyncCortex:
         # The idle limit the stream must watch itself: none where the transport's read
         # timeout is it (httpx's is switched to it below; aiohttp's stays as it starts).
         watch_idle = None if kind == "httpx" or timeouts["read"] == t.idle else t.idle
-        request = router.chat_request(url, body, timeouts)
+        node = router.fleet.node(url)
+        sse: SSETranslator | None = None
+        if node.kind == "openai":
+            # This server's own name for the model, and OpenAI's request and stream shapes.
+            here = node.names_here.get(model_key(model), model)
+            request = router.chat_request(
+                url, _openai_body(call.request, here), timeouts, OPENAI_CHAT
+            )
+            sse = SSETranslator(model)
+        else:
+            request = router.chat_request(url, call.body, timeouts)
         slots = pool.slots
         holding = waiting = False
         response: httpx.Response | None = None
@@ -571,7 +598,8 @@ class AsyncCortex:
                 holding = False  # from now on the lease gives the slot back
                 response = await pool.client.send(request, stream=True)
                 if response.status_code != 200:
-                    raise self._status_error(response, await _read_capped(response), model)
+                    error_body = await _read_capped(response)
+                    raise self._status_error(response, error_body, model, sse is not None)
                 # Once the server answers, the idle limit applies between chunks.
                 timeouts["read"] = t.idle
                 stream = AsyncStream(
@@ -583,6 +611,7 @@ class AsyncCortex:
                     idle=watch_idle,
                     lease=lease,
                     max_line=self._max_line,
+                    sse=sse,
                 )
                 await stream._prime()  # pyright: ignore[reportPrivateUsage]
                 lease.answered()
@@ -622,13 +651,18 @@ class AsyncCortex:
             )
         raise _Failed("failed", f"no first token within {limit:g}s", "model")
 
-    def _status_error(self, response: httpx.Response, body: bytes, model: str) -> Exception:
-        failure = classify_status(
-            response.status_code, body, response.headers.get("content-type", "")
-        )
+    def _status_error(
+        self, response: httpx.Response, body: bytes, model: str, openai: bool
+    ) -> Exception:
         status = response.status_code
+        server = str(response.request.url.copy_with(path="/", query=None)).rstrip("/")
+        if openai:
+            failure = openai_status(status, body, server)
+        else:
+            failure = classify_status(status, body, response.headers.get("content-type", ""))
         if failure.kind == "invalid":
-            return ValidationError(f"Ollama rejected the request: {failure.message}")
+            who = "The server" if openai else "Ollama"
+            return ValidationError(f"{who} rejected the request: {failure.message}")
         if failure.kind == "model_missing":
             return _Failed("model_missing", f"does not have model {model!r}")
         if status in (429, 503):
@@ -746,6 +780,20 @@ def _note_down(found: Mapping[str, Health], attempts: list[Attempt], out: set[st
         if not health.up and url not in out:
             out.add(url)
             attempts.append(Attempt(url, health.error or "probe failed", "unreachable"))
+
+
+def _openai_body(request: dict[str, Any], model: str) -> bytes:
+    """``request`` (an ``/api/chat`` body) as the body of ``/v1/chat/completions``."""
+    body, _ = openai_chat_body(
+        model,
+        request["messages"],
+        options=request.get("options"),
+        format=request.get("format"),
+        tools=request.get("tools"),
+        think=request.get("think"),
+        keep_alive=request.get("keep_alive"),
+    )
+    return encode_body(body)
 
 
 def _hung_up(exc: httpx.HTTPError) -> bool:

@@ -167,6 +167,10 @@ class SSETranslator:
         self._timings: dict[str, Any] = {}
         self.done = False
 
+    def lines(self, raw: list[bytes]) -> list[bytes]:
+        """``raw`` SSE lines as the NDJSON lines of the chunks they complete."""
+        return [_encode(chunk) for line in raw for chunk in self.feed(line)]
+
     def feed(self, line: bytes) -> list[dict[str, Any]]:
         """The chunks ``line`` completes (often one, sometimes none)."""
         line = line.strip()
@@ -261,6 +265,13 @@ class SSETranslator:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 final[target] = round(value * 1_000_000)
         return final
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _encode(chunk: dict[str, Any]) -> bytes:
+    return _ENCODER.encode(chunk).encode()
 
 
 def model_ids(body: object) -> list[str]:

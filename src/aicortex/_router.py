@@ -7,13 +7,15 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import anyio
 import httpx
 
 from ._config import Timeout
 from ._health import Health
+from ._openai import MODELS_PATH as OPENAI_MODELS_PATH
+from ._openai import model_ids
 from ._pools import DEFAULT_LIMITS, HttpChoice, Pool, TransportName, make_pool, pick_transport
 from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH, model_key
 from ._routing import FailureKind, Fleet, Node, Server, Strategy
@@ -108,7 +110,9 @@ class Router:
         self.limits = limits
         self._headers = dict(headers or {})
         self._pools: dict[str, Pool] = {}
-        self._chat_templates: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]]]] = {}
+        self._chat_templates: dict[
+            tuple[str, str], tuple[httpx.URL, list[tuple[bytes, bytes]]]
+        ] = {}
         self._inflight: dict[str, anyio.Event] = {}
         self._probed: dict[str, Health] = {}  # the last probe of each server
         # Probes no request waits for, and the events set when each one has ended.
@@ -140,9 +144,19 @@ class Router:
                 timeout=httpx.Timeout(
                     connect=t.connect, read=t.first_token, write=t.connect, pool=t.first_token
                 ),
-                headers=self._headers,
+                headers=self._headers_for(url),
             )
         return pool
+
+    def _headers_for(self, url: str) -> dict[str, str]:
+        """The client's headers, with the server's own API key when it has one."""
+        option = self.fleet.option(url)
+        key = None if option is None else option.bearer()
+        if key is None:
+            return self._headers
+        headers = {k: v for k, v in self._headers.items() if k.lower() != "authorization"}
+        headers["Authorization"] = f"Bearer {key}"
+        return headers
 
     def client(self, url: str) -> httpx.AsyncClient:
         """The pooled client for chats (and other requests) to ``url``."""
@@ -153,29 +167,33 @@ class Router:
         return pick_transport(self.http)
 
     def chat_request(
-        self, url: str, content: bytes, timeouts: dict[str, float | None]
+        self,
+        url: str,
+        content: bytes,
+        timeouts: dict[str, float | None],
+        path: str = CHAT_PATH,
     ) -> httpx.Request:
-        """A ``POST /api/chat`` of the JSON ``content`` to ``url``.
+        """A ``POST`` of the JSON ``content`` to ``path`` (``/api/chat`` by default) on ``url``.
 
         The same request ``client.build_request(..., json=...)`` makes, from a template
-        built once per server: httpx re-merges and re-validates every header on each
-        call, which costs more than the rest of a small exchange. With cookies in the
-        jar (a load balancer that pins sessions), httpx builds it as usual.
+        built once per server and path: httpx re-merges and re-validates every header on
+        each call, which costs more than the rest of a small exchange. With cookies in
+        the jar (a load balancer that pins sessions), httpx builds it as usual.
         """
         client = self.client(url)
         if client.cookies:
             return client.build_request(
                 "POST",
-                CHAT_PATH,
+                path,
                 content=content,
                 headers={"Content-Type": "application/json"},
                 extensions={"timeout": timeouts},
             )
-        template = self._chat_templates.get(url)
+        template = self._chat_templates.get((url, path))
         if template is None:
-            sample = client.build_request("POST", CHAT_PATH, json={})
+            sample = client.build_request("POST", path, json={})
             headers = [(k, v) for k, v in sample.headers.raw if k.lower() != b"content-length"]
-            template = self._chat_templates[url] = (sample.url, headers)
+            template = self._chat_templates[url, path] = (sample.url, headers)
         return _json_request(*template, content, timeouts)
 
     def failed(
@@ -196,15 +214,75 @@ class Router:
             self.probe_soon(url)
 
     async def probe(self, url: str) -> Health:
-        """Probe one server (``GET /api/tags``, ``/api/version`` and ``/api/ps`` at once,
-        on the probe connections of its pool); record the result."""
+        """Probe one server on the probe connections of its pool, and record the result.
+
+        An Ollama server gets ``GET /api/tags``, ``/api/version`` and ``/api/ps`` at
+        once; an OpenAI-style one ``GET /v1/models``. A server of unknown kind is
+        probed as Ollama first, and as OpenAI-style when that finds no Ollama.
+        """
         client = self.pool(url).probes
         probe_timeout = self.timeout.probe
         started = self.now()
+        node = self.fleet.node(url)
+        found: _Found | None = None
+        node.probing = True
+        try:
+            with anyio.move_on_after(probe_timeout):
+                if node.kind == "openai":
+                    found = await self._probe_openai(client)
+                else:
+                    found = await self._probe_ollama(client)
+                    if node.kind is None and found.not_ollama:
+                        other = await self._probe_openai(client)
+                        if other.models is not None:
+                            found = other
+                if found.models is not None and node.kind is None:
+                    node.kind = found.kind
+        finally:
+            node.probing = False
+        now = self.now()
+        health: Health
+        if found is None:
+            health = Health.down(url, f"probe timed out after {probe_timeout:g}s", checked_at=now)
+        elif found.models is None:
+            health = Health.down(url, found.failure or "probe failed", checked_at=now)
+        else:
+            health = Health.ok(
+                url,
+                checked_at=now,
+                latency=now - started,
+                version=found.version,
+                models=found.models,
+            )
+        self._probed[url] = health
+        if health.up:
+            # A model known here by another name (Server.models) counts as listed.
+            keys = health.keys | {
+                k for k, v in node.names_here.items() if model_key(v) in health.keys
+            }
+            loaded = found.loaded if found is not None else None
+            ejected = self.fleet.probed(
+                url,
+                now,
+                latency=health.latency or 0.0,
+                version=health.version,
+                models=health.models,
+                keys=keys,
+                loaded=None if loaded is None else frozenset(model_key(n) for n in loaded),
+            )
+            for name in ejected:
+                logger.warning("Ejecting model %r on %s: it failed 3 times in a row", name, url)
+        else:
+            self.fleet.failed(url, "unreachable", health.error or "probe failed", now)
+            logger.warning("Server %s is down: %s", url, health.error)
+        return health
+
+    async def _probe_ollama(self, client: httpx.AsyncClient) -> _Found:
         tags: dict[str, Any] = {}
         version: list[str] = []
         loaded: list[list[str]] = []
         failure: list[str] = []
+        not_ollama: list[bool] = []
 
         async def get_tags() -> None:
             try:
@@ -212,12 +290,14 @@ class Router:
             except Exception as exc:  # a probe reports; it never raises
                 failure.append(describe_error(exc, self.timeout))
                 return
-            if response.status_code != 200:
-                failure.append(f"probe GET {TAGS_PATH} answered HTTP {response.status_code}")
-                return
-            data = _json_object(response)
+            data = _json_object(response) if response.status_code == 200 else None
             if data is None:
-                failure.append(f"probe GET {TAGS_PATH} did not answer with Ollama's JSON")
+                not_ollama.append(True)
+                failure.append(
+                    f"probe GET {TAGS_PATH} answered HTTP {response.status_code}"
+                    if response.status_code != 200
+                    else f"probe GET {TAGS_PATH} did not answer with Ollama's JSON"
+                )
                 return
             tags.update(data)
 
@@ -234,47 +314,43 @@ class Router:
             elif isinstance(value := data.get("version"), str):
                 version.append(value)
 
-        health: Health
-        node = self.fleet.node(url)
-        node.probing = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get_tags)
+            tg.start_soon(get_optional, VERSION_PATH)
+            tg.start_soon(get_optional, PS_PATH)
+        if not tags:
+            return _Found(
+                "ollama", None, failure=failure[0] if failure else None, not_ollama=bool(not_ollama)
+            )
+        return _Found(
+            "ollama",
+            tuple(_model_names(tags.get("models"))),
+            version=version[0] if version else None,
+            loaded=tuple(loaded[0]) if loaded else None,
+        )
+
+    async def _probe_openai(self, client: httpx.AsyncClient) -> _Found:
         try:
-            with anyio.move_on_after(probe_timeout) as scope:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(get_tags)
-                    tg.start_soon(get_optional, VERSION_PATH)
-                    tg.start_soon(get_optional, PS_PATH)
-        finally:
-            node.probing = False
-        now = self.now()
-        if scope.cancelled_caught and not tags and not failure:
-            health = Health.down(url, f"probe timed out after {probe_timeout:g}s", checked_at=now)
-        elif failure or not tags:
-            health = Health.down(url, failure[0] if failure else "probe failed", checked_at=now)
-        else:
-            health = Health.ok(
-                url,
-                checked_at=now,
-                latency=now - started,
-                version=version[0] if version else None,
-                models=_model_names(tags.get("models")),
+            response = await client.get(OPENAI_MODELS_PATH)
+        except Exception as exc:  # a probe reports; it never raises
+            return _Found("openai", None, failure=describe_error(exc, self.timeout))
+        if response.status_code in (401, 403):
+            return _Found(
+                "openai",
+                None,
+                failure=f"probe GET {OPENAI_MODELS_PATH} answered HTTP {response.status_code}: "
+                "its API key is missing or wrong (api_key= or api_key_env= on the Server)",
             )
-        self._probed[url] = health
-        if health.up:
-            ejected = self.fleet.probed(
-                url,
-                now,
-                latency=health.latency or 0.0,
-                version=health.version,
-                models=health.models,
-                keys=health.keys,
-                loaded=frozenset(model_key(n) for n in loaded[0]) if loaded else None,
+        data = _json_object(response) if response.status_code == 200 else None
+        if data is None or not isinstance(data.get("data"), list):
+            return _Found(
+                "openai",
+                None,
+                failure=f"probe GET {OPENAI_MODELS_PATH} answered HTTP {response.status_code}, "
+                "not an OpenAI model list",
             )
-            for name in ejected:
-                logger.warning("Ejecting model %r on %s: it failed 3 times in a row", name, url)
-        else:
-            self.fleet.failed(url, "unreachable", health.error or "probe failed", now)
-            logger.warning("Ollama server %s is down: %s", url, health.error)
-        return health
+        ids = tuple(model_ids(data))
+        return _Found("openai", ids, loaded=ids)  # what it serves is what it has loaded
 
     async def probe_once(self, url: str) -> Health | None:
         """Probe ``url``, or wait for a probe of it that is already running; None when
@@ -433,6 +509,17 @@ def _json_request(
     )
     request.read()  # as with content=: the body is known, so request.content works
     return request
+
+
+class _Found(NamedTuple):
+    """What one probe found: the models listed (None: the probe failed, ``failure``)."""
+
+    kind: Literal["ollama", "openai"]
+    models: tuple[str, ...] | None
+    version: str | None = None
+    loaded: tuple[str, ...] | None = None
+    failure: str | None = None
+    not_ollama: bool = False  # it answered, but not as Ollama does
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

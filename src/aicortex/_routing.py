@@ -24,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from ._exceptions import ValidationError
+from ._protocol import model_key
 
 __all__ = [
     "STRATEGIES",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 Strategy = Literal["priority", "least_busy", "round_robin"]
+ApiKind = Literal["auto", "ollama", "openai"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
 FailureKind = Literal["unreachable", "failed", "model", "busy"]
@@ -61,7 +63,7 @@ BUSY_MAX = 8.0
 _AFFINITY_CACHE = 4096
 
 # What keeps a candidate from being picked (see Fleet.hold).
-DOWN, BUSY, FULL, MODEL = "down", "busy", "full", "model"
+DOWN, BUSY, FULL, MODEL, UNLISTED = "down", "busy", "full", "model", "unlisted"
 
 
 def backoff(first: float, cap: float, times: int) -> float:
@@ -71,19 +73,48 @@ def backoff(first: float, cap: float, times: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Server:
-    """A server URL with routing options; accepted wherever a URL string is.
+    """A server URL with its options; accepted wherever a URL string is.
 
-    ``weight`` (default 1) scales the share of requests ``least_busy`` and
-    ``round_robin`` send to it, and its pull in affinity hashing;
-    ``max_concurrency`` caps its requests in flight: past it, new requests go to
-    the next choice.
+    ``api`` is the wire protocol: ``"ollama"`` (``/api/*``), ``"openai"``
+    (``/v1/chat/completions``: llama.cpp, vLLM, LM Studio, ...) or ``"auto"`` (the
+    first probe finds out). ``api_key`` (or the environment variable named by
+    ``api_key_env``) is sent to this server only, as a bearer token; it never
+    appears in ``repr``, logs or errors. ``models`` maps a model name, as callers
+    ask for it, to this server's own name for it. ``weight`` (default 1) scales
+    the share of requests ``least_busy`` and ``round_robin`` send to it, and its
+    pull in affinity hashing; ``max_concurrency`` caps its requests in flight:
+    past it, new requests go to the next choice.
     """
 
     url: str
     weight: float = 1.0
     max_concurrency: int | None = None
+    api: ApiKind = "auto"
+    api_key: str | None = field(default=None, repr=False, compare=False)
+    api_key_env: str | None = None
+    models: Mapping[str, str] | None = field(default=None, hash=False)
+
+    def bearer(self) -> str | None:
+        """The API key to send: ``api_key``, else the variable ``api_key_env`` names."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env, "").strip() or None
+        return None
 
     def __post_init__(self) -> None:
+        if self.api not in ("auto", "ollama", "openai"):
+            raise ValidationError(
+                f"Server api must be 'auto', 'ollama' or 'openai', not {self.api!r}."
+            )
+        if self.models is not None:
+            names = cast(object, self.models)
+            if not isinstance(names, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str)
+                for k, v in cast("Mapping[object, object]", names).items()
+            ):
+                raise ValidationError("Server models must map model names to names (strings).")
+            object.__setattr__(self, "models", dict(cast("Mapping[str, str]", names)))
         if not isinstance(self.url, str) or not self.url.strip():  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError(f"Server url must be a non-empty string, not {self.url!r}.")
         weight = self.weight
@@ -159,6 +190,8 @@ class Node:
     version: str | None = None
     error: str | None = None  # why the server is ejected, or busy
     current: float = 0.0  # smooth weighted round robin
+    kind: Literal["ollama", "openai"] | None = None  # the wire protocol; None: not known yet
+    names_here: dict[str, str] = field(default_factory=dict[str, str])  # key -> its name here
 
     def state(self, now: float) -> StateName:
         if self.breaker.until > now:
@@ -223,6 +256,10 @@ class Fleet:
             if option is not None:
                 _apply(node, option)
         return node
+
+    def option(self, url: str) -> Server | None:
+        """The :class:`Server` options given for ``url``, if any."""
+        return self._options.get(url)
 
     def configure(self, server: Server) -> None:
         """Use ``server``'s weight and ``max_concurrency`` for its URL from now on."""
@@ -389,12 +426,17 @@ class Fleet:
         now: float,
         strategy: Strategy = "priority",
         affinity: str | None = None,
+        *,
+        explicit: bool = False,
     ) -> str | None:
         """The server to try next among ``candidates`` (each probed already) for the
         model key ``model``; None when every one is held back (see :meth:`hold`).
 
-        A server that lists the model beats one that does not (its list may be stale,
-        or it knows the model by another name). Within that:
+        A server that lists the model beats an Ollama server that does not (its list
+        may be stale, or it knows the model by another name). An OpenAI-style server
+        that does not list it is never picked, unless ``explicit`` (the caller named
+        it): llama.cpp, for one, answers any model name with the model it has. Within
+        that:
 
         - ``affinity``: the first in the key's rendezvous ranking;
         - ``priority``: the first in list order;
@@ -414,14 +456,16 @@ class Fleet:
                     continue
                 if model in node.keys:
                     return url
-                if fallback is None:
+                if fallback is None and (explicit or node.kind != "openai"):
                     fallback = url
             return fallback
         if strategy == "least_busy":
-            return self._least_busy(candidates, model, now)
-        return self._next_in_turn(candidates, model, now)
+            return self._least_busy(candidates, model, now, explicit)
+        return self._next_in_turn(candidates, model, now, explicit)
 
-    def _least_busy(self, candidates: Sequence[str], model: str, now: float) -> str | None:
+    def _least_busy(
+        self, candidates: Sequence[str], model: str, now: float, explicit: bool
+    ) -> str | None:
         # One pass, comparing (unlisted, load, not loaded, latency) a field at a time:
         # most servers are passed over on the load alone.
         nodes = self.nodes
@@ -435,7 +479,7 @@ class Fleet:
             if node.pairs and not self._usable(node, model, now):
                 continue
             rank = 0 if model in node.keys else 1
-            if rank > best_rank:
+            if rank > best_rank or (rank and node.kind == "openai" and not explicit):
                 continue
             load = node.inflight / node.weight
             loaded = node.loaded
@@ -451,7 +495,9 @@ class Fleet:
             best_latency = node.latency
         return None if best is None else best.url
 
-    def _next_in_turn(self, candidates: Sequence[str], model: str, now: float) -> str | None:
+    def _next_in_turn(
+        self, candidates: Sequence[str], model: str, now: float, explicit: bool
+    ) -> str | None:
         listed: list[Node] = []
         others: list[Node] = []
         nodes = self.nodes
@@ -463,7 +509,7 @@ class Fleet:
                 continue
             if model in node.keys:
                 listed.append(node)
-            else:
+            elif explicit or node.kind != "openai":
                 others.append(node)
         group = listed or others
         if not group:
@@ -493,10 +539,13 @@ class Fleet:
             self._rankings[cache_key] = ranked
         return ranked
 
-    def hold(self, url: str, model: str, now: float) -> tuple[str, float]:
+    def hold(
+        self, url: str, model: str, now: float, *, explicit: bool = False
+    ) -> tuple[str, float]:
         """Why :meth:`pick` passes ``url`` over, and when that may end:
         ``down`` (ejected, or not probed since), ``busy``, ``full`` (at
-        ``max_concurrency``), ``model`` (the pair is ejected)."""
+        ``max_concurrency``), ``unlisted`` (an OpenAI-style server without the
+        model), ``model`` (the pair is ejected)."""
         node = self.node(url)
         if node.breaker.until > now or node.suspect:
             return DOWN, node.breaker.until
@@ -504,6 +553,8 @@ class Fleet:
             return BUSY, node.busy_until
         if node.inflight >= node.cap:
             return FULL, now
+        if node.kind == "openai" and model not in node.keys and not explicit:
+            return UNLISTED, math.inf
         pair = node.pairs.get(model)
         return MODEL, -math.inf if pair is None else pair.until
 
@@ -539,6 +590,9 @@ class Fleet:
 def _apply(node: Node, server: Server) -> None:
     node.weight = float(server.weight)
     node.cap = math.inf if server.max_concurrency is None else server.max_concurrency
+    if server.api != "auto":
+        node.kind = server.api
+    node.names_here = {model_key(k): v for k, v in (server.models or {}).items()}
 
 
 def _reopen(node: Node) -> None:

@@ -18,6 +18,7 @@ from pydantic_core import from_json
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import CortexTimeoutError, StreamError
 from ._idle import IdleWatch
+from ._openai import SSETranslator
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
 from ._routing import FailureKind
 
@@ -102,6 +103,7 @@ class AsyncStream:
         idle: float | None = None,
         lease: StreamLease | None = None,
         max_line: int = DEFAULT_MAX_LINE,
+        sse: SSETranslator | None = None,
     ) -> None:
         # deadline: the caller's total limit, checked at every read; idle: a gap limit
         # the transport does not enforce itself, so this stream does; lease: told how
@@ -128,6 +130,7 @@ class AsyncStream:
         self._watch = IdleWatch(idle) if idle is not None and deadline is None else None
         self._loop = current_loop()  # for closing from __del__, which cannot await
         self._lease = lease
+        self._sse = sse  # an OpenAI-style server: its SSE lines read as Ollama's chunks
         self._lines: list[bytes] = []
         self._pos = 0
         # The start of a line still being received, in pieces (joined once, when its
@@ -326,7 +329,7 @@ class AsyncStream:
             last = b"".join(self._tail)
             self._tail, self._tail_size = [], 0
             if last.strip():
-                self._lines, self._pos = [last], 0
+                self._lines, self._pos = [last] if self._sse is None else self._sse.lines([last]), 0
                 return True
             return False
         except _TotalExpired:
@@ -366,7 +369,7 @@ class AsyncStream:
                     break
         rest = chunk[end + 1 :]
         self._tail, self._tail_size = ([rest], len(rest)) if rest else ([], 0)
-        self._lines = lines
+        self._lines = lines if self._sse is None else self._sse.lines(lines)
         self._pos = 0
         return True
 
