@@ -596,7 +596,14 @@ class AsyncCortex:
                     holding = True
                 lease = router.lease(url, model, slots)
                 holding = False  # from now on the lease gives the slot back
-                response = await pool.client.send(request, stream=True)
+                try:
+                    response = await pool.client.send(request, stream=True)
+                except httpx.TransportError as exc:
+                    if not _hung_up(exc):
+                        raise
+                    # A kept-alive connection that the server closed just as it was
+                    # reused (aiohttp does not retry): once more, on another connection.
+                    response = await pool.client.send(request, stream=True)
                 if response.status_code != 200:
                     error_body = await _read_capped(response)
                     raise self._status_error(response, error_body, model, sse is not None)

@@ -5,17 +5,20 @@ timing, never on words."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
+from aicortex import AsyncCortex, Cortex, EventType, StreamError, Timeout
 from aicortex._openai import CHAT_PATH, MODELS_PATH, SSETranslator, chat_body, model_ids
 from aicortex._protocol import build_messages, stats_from_chunk, tool_calls_from_message
-from llamacpp import MODEL_ALIAS, LlamaServer
+from llamacpp import MODEL_ALIAS, LlamaServer, free_port
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "llamacpp"
 
@@ -120,11 +123,143 @@ def test_a_client_that_leaves_frees_its_slot_within_a_second(server: LlamaServer
     ) as response:
         for _ in zip(range(6), response.iter_lines(), strict=False):
             pass
-        busy = [slot["is_processing"] for slot in httpx.get(server.url + "/slots").json()]
-        assert any(busy)
+        for _ in range(50):  # the slot reports it is processing (it may take a moment)
+            if any(slot["is_processing"] for slot in httpx.get(server.url + "/slots").json()):
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("no slot was processing the stream")
     left = time.monotonic()
     while time.monotonic() - left < 1.0:
         if not any(slot["is_processing"] for slot in httpx.get(server.url + "/slots").json()):
             return
         time.sleep(0.02)
     pytest.fail("the slot was still processing 1 s after the client left")
+
+
+# -- aicortex end to end ---------------------------------------------------------------
+
+QUICK = Timeout(connect=2.0, first_token=30.0, idle=10.0, probe=2.0)
+SHORT = {"num_predict": 8, "temperature": 0}
+
+
+async def test_async_cortex_streams_and_answers_from_the_real_server(server: LlamaServer) -> None:
+    async with AsyncCortex([server.url], timeout=QUICK, fallback=False) as cortex:
+        stream = await cortex.chat("Say hello.", model=MODEL_ALIAS, stream=True, options=SHORT)
+        async with stream:
+            events = [event async for event in stream]
+        text = await cortex.chat("Say hello.", model=MODEL_ALIAS, options=SHORT)
+        [state] = cortex.server_states()
+    assert next(e.type for e in events) is EventType.START
+    assert events[-1].type is EventType.END
+    assert 4 <= sum(e.type is EventType.TOKEN for e in events) <= 8
+    assert stream.stats is not None
+    assert stream.stats.completion_tokens == 8
+    assert isinstance(text, str)
+    assert text
+    assert state.models == (MODEL_ALIAS,)
+    assert state.state == "healthy"
+
+
+def test_the_blocking_cortex_streams_a_real_tool_call(server: LlamaServer) -> None:
+    request = json.loads((FIXTURES / "tool_request.json").read_text())
+    with (
+        Cortex([server.url], timeout=QUICK, fallback=False) as cortex,
+        cortex.chat(
+            request["messages"],
+            model=MODEL_ALIAS,
+            tools=request["tools"],
+            stream=True,
+            options={"num_predict": 64, "temperature": 0},
+        ) as stream,
+    ):
+        stream.text()
+    # Without the request's logit_bias nudge the model may call the tool more than once.
+    assert stream.tool_calls
+    assert {call.name for call in stream.tool_calls} == {"get_weather"}
+
+
+async def test_a_mixed_pool_fails_over_from_a_dead_ollama_to_the_real_server(
+    server: LlamaServer,
+) -> None:
+    dead = f"ollama+http://127.0.0.1:{free_port()}"
+    async with AsyncCortex([dead, server.url], timeout=QUICK, fallback=False) as cortex:
+        stream = await cortex.chat("hi", model=MODEL_ALIAS, stream=True, options=SHORT)
+        async with stream:
+            assert stream.server == server.url
+            assert await stream.text()
+        assert cortex.server_states()[0].state == "ejected"
+
+
+async def test_a_real_server_killed_mid_stream_ends_it_with_stream_error() -> None:
+    with LlamaServer(slots=1) as doomed:
+        async with AsyncCortex([doomed.url], timeout=QUICK, fallback=False) as cortex:
+            stream = await cortex.chat(
+                "Count.", model=MODEL_ALIAS, stream=True, options={"num_predict": 400}
+            )
+            events = []
+            with pytest.raises(StreamError) as info:
+                async for event in stream:
+                    events.append(event)
+                    if len(events) == 3:
+                        doomed.kill()
+    assert events[-1].type is EventType.ERROR
+    assert info.value.partial_text
+    assert info.value.server == doomed.url
+
+
+async def test_two_real_servers_under_least_busy_both_serve(server: LlamaServer) -> None:
+    with LlamaServer(slots=2) as second:
+        urls = [server.url, second.url]
+        async with AsyncCortex(urls, routing="least_busy", timeout=QUICK, fallback=False) as cortex:
+            used: list[str] = []
+
+            async def one() -> None:
+                stream = await cortex.chat("hi", model=MODEL_ALIAS, stream=True, options=SHORT)
+                async with stream:
+                    await stream.text()
+                used.append(stream.server)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(one)
+    assert set(used) == set(urls)
+
+
+def test_the_proxy_serves_the_official_openai_client_from_the_real_server(
+    server: LlamaServer,
+) -> None:
+    import openai
+    import uvicorn
+
+    from aicortex.server import create_app
+
+    port = free_port()
+    app = create_app(servers=[server.url], timeout=QUICK)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    proxy = uvicorn.Server(config)
+    thread = threading.Thread(target=proxy.run, daemon=True)
+    thread.start()
+    try:
+        while not proxy.started:
+            time.sleep(0.01)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        answer = client.chat.completions.create(
+            model=MODEL_ALIAS, messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert answer.choices[0].message.content
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == 8
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL_ALIAS,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=8,
+                stream=True,
+            )
+        )
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 4
+        assert chunks[-1].choices[0].finish_reason == "length"
+    finally:
+        proxy.should_exit = True
+        thread.join(10)
