@@ -90,6 +90,7 @@ async def test_a_bare_url_is_detected_as_openai_style_and_streams_typed_events(
     assert stream.stats is not None
     assert (stream.stats.prompt_tokens, stream.stats.completion_tokens) == (15, 24)
     assert state.models == (GEMMA,)
+    assert state.api == "openai"
     [sent] = [r for r in server.requests if r.path == "/v1/chat/completions"]
     assert sent.json["model"] == GEMMA
     assert sent.json["stream"] is True

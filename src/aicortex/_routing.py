@@ -214,7 +214,8 @@ class ServerState:
     ``"probing"``, or ``"unknown"`` (not probed yet). ``failures`` counts its
     failures in a row, ``ejections`` its ejections in a row. ``loaded`` lists the
     models in memory (``None`` when the server does not say). ``ejected_models``
-    maps each model ejected on this server alone to the seconds left.
+    maps each model ejected on this server alone to the seconds left. ``api`` is its
+    wire protocol, ``"ollama"`` or ``"openai"`` (``None`` until a probe tells).
     """
 
     url: str
@@ -231,6 +232,7 @@ class ServerState:
     error: str | None
     weight: float
     max_concurrency: int | None
+    api: Literal["ollama", "openai"] | None = None
 
 
 class Fleet:
@@ -584,6 +586,7 @@ class Fleet:
             error=node.error if state in ("ejected", "busy") else None,
             weight=node.weight,
             max_concurrency=None if node.cap == math.inf else int(node.cap),
+            api=node.kind,
         )
 
 
