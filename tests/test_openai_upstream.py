@@ -263,3 +263,21 @@ async def test_a_connection_the_server_closes_after_a_stream_is_not_a_failure(
         for _ in range(5):
             assert await client.chat("hi", model=GEMMA)
         assert client.server_states()[0].state == "healthy"
+
+
+def test_the_command_line_takes_the_shorthand(fake_ollama: FakeOllamaFactory) -> None:
+    """`aicortex chat --server openai+http://...` chats with an OpenAI-style server."""
+    import subprocess
+    import sys
+
+    server = llamacpp(fake_ollama())
+    result = subprocess.run(
+        [sys.executable, "-m", "aicortex", "chat", "hi", "-m", GEMMA, "-s", f"openai+{server.url}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert server.count("/v1/chat/completions") == 1
+    assert server.count("/api/tags") == 0
