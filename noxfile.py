@@ -101,7 +101,7 @@ def bench(session: nox.Session) -> None:
     LiteLLM's proxy and the proxy of commit 60dc620 (the last one with aicortex's own HTTP/1.1
     transport)."""
     install_project(session)
-    session.install("ollama", "httpx-aiohttp")
+    session.install("ollama", "httpx-aiohttp", *REAL_PACKAGES)
     # The old code for bench_proxy.py's paced scenario: its src/, and the catalog it reads.
     baseline_commit = "60dc620"
     baseline = pathlib.Path(session.create_tmp()) / f"baseline-{baseline_commit}"
@@ -113,6 +113,7 @@ def bench(session: nox.Session) -> None:
     session.run("tar", "-x", "-f", str(archive), "-C", str(baseline), external=True)
     session.run("python", "tests/benchmarks/bench_stream.py")
     session.run("python", "tests/benchmarks/bench_routing.py")
+    session.run("python", "tests/benchmarks/bench_real.py")
     # LiteLLM lives in a venv of its own so its pins cannot change what is measured.
     litellm_venv = pathlib.Path(session.virtualenv.location).parent / "bench-litellm"
     litellm_bin = litellm_venv / ("Scripts" if os.name == "nt" else "bin")
