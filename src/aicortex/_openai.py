@@ -160,12 +160,12 @@ class SSETranslator:
     """
 
     def __init__(self, model: str) -> None:
-        self.model = model
+        self.model: str = model
         self._calls: dict[int, dict[str, Any]] = {}  # index -> {"id", "name", "arguments"}
         self._finish: str | None = None
         self._usage: dict[str, Any] = {}
         self._timings: dict[str, Any] = {}
-        self.done = False
+        self.done: bool = False  # [DONE] was read
 
     def lines(self, raw: list[bytes]) -> list[bytes]:
         """``raw`` SSE lines as the NDJSON lines of the chunks they complete."""
