@@ -871,6 +871,13 @@ class FakeOllama(_Background):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Connections that registered while the others were cancelled, and the close
+            # callbacks of all of them: run now, before the loop ends, so that no socket
+            # is left for the garbage collector to warn about.
+            for writer in list(self._writers):
+                writer.transport.abort()
+            for _ in range(3):
+                await asyncio.sleep(0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), _JOIN_TIMEOUT / 2)
 
