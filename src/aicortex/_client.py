@@ -606,7 +606,7 @@ class AsyncCortex:
                     response = await pool.client.send(request, stream=True)
                 if response.status_code != 200:
                     error_body = await _read_capped(response)
-                    raise self._status_error(response, error_body, model, sse is not None)
+                    raise self._status_error(response, error_body, url, model, sse is not None)
                 # Once the server answers, the idle limit applies between chunks.
                 timeouts["read"] = t.idle
                 stream = AsyncStream(
@@ -659,12 +659,11 @@ class AsyncCortex:
         raise _Failed("failed", f"no first token within {limit:g}s", "model")
 
     def _status_error(
-        self, response: httpx.Response, body: bytes, model: str, openai: bool
+        self, response: httpx.Response, body: bytes, url: str, model: str, openai: bool
     ) -> Exception:
         status = response.status_code
-        server = str(response.request.url.copy_with(path="/", query=None)).rstrip("/")
         if openai:
-            failure = openai_status(status, body, server)
+            failure = openai_status(status, body, url)
         else:
             failure = classify_status(status, body, response.headers.get("content-type", ""))
         if failure.kind == "invalid":
