@@ -437,14 +437,6 @@ class AsyncCortex:
 
     async def _open(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
         """Route the chat and start it on the first server that answers."""
-        router = self._router
-        # Servers whose ejection is over are probed in the background: this request
-        # goes elsewhere, and never waits for a server that may still be dead.
-        for url in router.fleet.to_probe(call.candidates, router.now())[1]:
-            router.probe_soon(url)
-        return await self._route(call, attempts)
-
-    async def _route(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
         _, _, model, candidates, t, deadline, affinity, explicit = call
         router = self._router
         fleet = router.fleet

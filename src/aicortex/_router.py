@@ -404,14 +404,18 @@ class Router:
         ``force``, every candidate. Returns what the probes run here found.
 
         Unless ``force`` is set, probing stops as soon as the pick is settled
-        (:meth:`Fleet.settled`).
+        (:meth:`Fleet.settled`), and candidates whose ejection is over are probed in
+        the background: the request goes elsewhere, and never waits for a server that
+        may still be dead.
         """
         fleet = self.fleet
         if force:
             stale = list(candidates)
         else:
             now = self.now()
-            stale = fleet.to_probe(candidates, now)[0]
+            stale, alongside = fleet.to_probe(candidates, now)
+            for url in alongside:
+                self.probe_soon(url)
             if not stale or fleet.settled(candidates, model, now, strategy, spread=spread):
                 return {}
         for url in stale:
