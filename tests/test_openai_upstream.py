@@ -19,7 +19,7 @@ from aicortex import (
     Timeout,
     ValidationError,
 )
-from fakeollama import Exchange, FakeOllama, FakeOllamaFactory, Script, status
+from fakeollama import Exchange, FakeOllama, FakeOllamaFactory, Script, refused_url, status
 
 LLAMACPP = Path(__file__).parent / "fixtures" / "llamacpp"
 QUICK = Timeout(connect=1.0, first_token=2.0, idle=2.0, probe=0.5)
@@ -28,6 +28,7 @@ QUICK = Timeout(connect=1.0, first_token=2.0, idle=2.0, probe=0.5)
 EVERY_TRANSPORT = True
 GEMMA = "gemma3:270m"
 NOT_FOUND = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
+LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 MODELS = {"object": "list", "data": [{"id": GEMMA, "object": "model", "owned_by": "llamacpp"}]}
 
 
@@ -65,6 +66,7 @@ def llamacpp(server: FakeOllama, chat: Script | None = None) -> FakeOllama:
     for path in ("/api/tags", "/api/version", "/api/ps", "/api/chat"):
         server.on(path, status(404, NOT_FOUND))
     server.on("/v1/models", status(200, MODELS))
+    server.on("/health", status(200, {"status": "ok"}))
     server.on("/v1/chat/completions", chat or SSE("chat_stream_usage.http"))
     return server
 
@@ -228,6 +230,25 @@ async def test_a_busy_answer_fails_over(fake_ollama: FakeOllamaFactory) -> None:
         assert client.server_states()[0].state == "busy"
 
 
+async def test_a_server_whose_health_says_it_is_loading_is_down(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """llama.cpp lists its model while it loads it, and answers /health with 503."""
+    loading = llamacpp(fake_ollama())
+    loading.on("/health", status(503, LOADING))
+    spare = llamacpp(fake_ollama())
+    async with cortex(loading.url, spare.url) as client:
+        stream = await client.chat("hi", model=GEMMA, stream=True)
+        async with stream:
+            assert stream.server == spare.url
+        state = client.server_states()[0]
+    assert state.state == "ejected"
+    assert state.error is not None
+    assert "Loading model" in state.error
+    assert loading.count("/v1/chat/completions") == 0
+    assert spare.count("/health") == 1
+
+
 async def test_a_stream_cut_without_done_follows_the_mid_stream_rules(
     fake_ollama: FakeOllamaFactory,
 ) -> None:
@@ -242,6 +263,29 @@ async def test_a_stream_cut_without_done_follows_the_mid_stream_rules(
             await stream.text()
     assert info.value.partial_text
     assert info.value.server == late.url
+
+
+async def test_the_error_for_a_pool_with_openai_style_servers_does_not_say_ollama() -> None:
+    async with cortex(refused_url(), Server(refused_url(), api="openai")) as client:
+        with pytest.raises(ServerError) as info:
+            await client.chat("hi", model=GEMMA)
+    message = str(info.value)
+    assert message.startswith("No server answered for model 'gemma3:270m'. Start the servers,")
+    assert "Ollama" not in message
+
+
+async def test_every_busy_openai_style_server_is_said_to_be_busy(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    busy = llamacpp(fake_ollama(), status(429, {"error": {"message": "slow down"}}))
+    fast = Timeout(connect=1.0, first_token=0.3, idle=2.0, probe=0.5)
+    async with AsyncCortex([busy.url], timeout=fast, fallback=False) as client:
+        with pytest.raises(ServerError) as info:
+            await client.chat("hi", model=GEMMA)
+    message = str(info.value)
+    assert message.startswith("Every server for model 'gemma3:270m' was busy")
+    assert "OLLAMA_MAX_QUEUE" not in message
+    assert "slow down" in message
 
 
 class SSEThenClose(SSE):

@@ -491,7 +491,8 @@ class AsyncCortex:
             raise ModelNotFoundError(
                 model, self.catalog.suggestions(model, extra=unique(live)), servers=missing_on
             )
-        raise _server_error(model, _last_per_server(attempts, candidates))
+        ollama_only = all(fleet.node(url).kind != "openai" for url in candidates)
+        raise _server_error(model, _last_per_server(attempts, candidates), ollama_only)
 
     async def _when_held(
         self,
@@ -844,21 +845,26 @@ def _last_per_server(attempts: Sequence[Attempt], candidates: Sequence[str]) -> 
     return sorted(last.values(), key=lambda a: rank.get(a.server, len(rank)))
 
 
-def _server_error(model: str, attempts: list[Attempt]) -> ServerError:
+def _server_error(model: str, attempts: list[Attempt], ollama_only: bool) -> ServerError:
+    """The error for a chat no server served; ``ollama_only``: no OpenAI-style server
+    was among the candidates, so the advice can name Ollama."""
     kinds = {a.kind for a in attempts}
+    servers = "Ollama server" if ollama_only else "server"
     if kinds and kinds <= {"unreachable", "ejected"}:
+        start = "Start Ollama" if ollama_only else "Start the servers"
         return ServerError(
-            f"No Ollama server answered for model {model!r}. Start Ollama, or check the "
+            f"No {servers} answered for model {model!r}. {start}, or check the "
             f"server URLs ({NO_SERVER_ADVICE}).",
             attempts,
         )
     if kinds == {"busy"}:
+        more = ", or raise OLLAMA_MAX_QUEUE on them" if ollama_only else ""
         return ServerError(
-            f"Every Ollama server for model {model!r} was busy, until the first-token limit. "
-            "Try again later, add servers, or raise OLLAMA_MAX_QUEUE on them.",
+            f"Every {servers} for model {model!r} was busy, until the first-token limit. "
+            f"Try again later, add servers{more}.",
             attempts,
         )
-    return ServerError(f"The Ollama servers could not serve model {model!r}.", attempts)
+    return ServerError(f"The {servers}s could not serve model {model!r}.", attempts)
 
 
 class _total_deadline:

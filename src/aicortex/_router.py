@@ -17,7 +17,7 @@ from ._health import Health
 from ._openai import MODELS_PATH as OPENAI_MODELS_PATH
 from ._openai import model_ids
 from ._pools import DEFAULT_LIMITS, HttpChoice, Pool, TransportName, make_pool, pick_transport
-from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH, model_key
+from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH, error_text, model_key
 from ._routing import FailureKind, Fleet, Node, Server, Strategy
 from ._stream import current_loop, run_soon
 
@@ -26,6 +26,7 @@ __all__ = ["Lease", "Router", "describe_error", "request_timeouts"]
 logger = logging.getLogger("aicortex")
 
 PS_PATH = "/api/ps"  # the models loaded in memory
+HEALTH_PATH = "/health"  # an OpenAI-style server's readiness, where it has one
 
 
 def request_timeouts(t: Timeout, transport: TransportName) -> dict[str, float | None]:
@@ -208,7 +209,7 @@ class Router:
         if self.fleet.failed(url, kind, reason, self.now(), model, name):
             logger.warning("Ejecting %s: %s", url, reason)
         else:
-            logger.info("Ollama server %s failed (%s): %s", url, kind, reason)
+            logger.info("Server %s failed (%s): %s", url, kind, reason)
         if kind == "model":
             # Did the model fail, or the server? A probe tells, before the next request.
             self.probe_soon(url)
@@ -217,7 +218,8 @@ class Router:
         """Probe one server on the probe connections of its pool, and record the result.
 
         An Ollama server gets ``GET /api/tags``, ``/api/version`` and ``/api/ps`` at
-        once; an OpenAI-style one ``GET /v1/models``. A server of unknown kind is
+        once; an OpenAI-style one ``GET /v1/models`` and ``/health`` (a 503 there, as
+        while llama.cpp loads its model, means down). A server of unknown kind is
         probed as Ollama first, and as OpenAI-style when that finds no Ollama.
         """
         client = self.pool(url).probes
@@ -234,9 +236,9 @@ class Router:
                     found = await self._probe_ollama(client)
                     if node.kind is None and found.not_ollama:
                         other = await self._probe_openai(client)
-                        if other.models is not None:
+                        if other.models is not None or other.listed:
                             found = other
-                if found.models is not None and node.kind is None:
+                if (found.models is not None or found.listed) and node.kind is None:
                     node.kind = found.kind
         finally:
             node.probing = False
@@ -330,6 +332,30 @@ class Router:
         )
 
     async def _probe_openai(self, client: httpx.AsyncClient) -> _Found:
+        found: list[_Found] = []
+        not_ready: list[str] = []
+
+        async def get_models() -> None:
+            found.append(await self._openai_models(client))
+
+        async def get_health() -> None:
+            # llama.cpp, vLLM and SGLang answer /health; 503 while the model loads.
+            try:
+                response = await client.get(HEALTH_PATH)
+            except Exception:  # not every server has it
+                return
+            if response.status_code == 503:
+                message = error_text(response.content) or "not ready"
+                not_ready.append(f"probe GET {HEALTH_PATH} answered HTTP 503: {message}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get_models)
+            tg.start_soon(get_health)
+        if not_ready and found[0].models is not None:
+            return _Found("openai", None, failure=not_ready[0], listed=True)
+        return found[0]
+
+    async def _openai_models(self, client: httpx.AsyncClient) -> _Found:
         try:
             response = await client.get(OPENAI_MODELS_PATH)
         except Exception as exc:  # a probe reports; it never raises
@@ -524,6 +550,7 @@ class _Found(NamedTuple):
     loaded: tuple[str, ...] | None = None
     failure: str | None = None
     not_ollama: bool = False  # it answered, but not as Ollama does
+    listed: bool = False  # it listed its models, but is not ready to serve them
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:
