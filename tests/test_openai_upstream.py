@@ -149,6 +149,12 @@ async def test_a_model_goes_only_to_openai_style_servers_that_list_it(
         with pytest.raises(ModelNotFoundError) as info:
             await alone.chat("hi", model="llama3.2:3b")
     assert info.value.servers == [openai_style.url]
+    async with cortex(openai_style.url) as alone:
+        with pytest.raises(ModelNotFoundError) as info:
+            await alone.chat("hi", model="qqzx-nothing-like-it")
+    assert info.value.hint is not None
+    assert info.value.hint.startswith("Load it on the server")
+    assert "ollama pull" not in str(info.value)
 
 
 async def test_models_map_a_public_name_to_the_servers_own(
@@ -158,8 +164,14 @@ async def test_models_map_a_public_name_to_the_servers_own(
     entry = Server(server.url, api="openai", models={"tiny": GEMMA})
     async with cortex(entry) as client:
         assert await client.chat("hi", model="tiny")
+        info = await client.server_info("tiny")
+        [state] = client.server_states()
     [sent] = [r for r in server.requests if r.path == "/v1/chat/completions"]
     assert sent.json["model"] == GEMMA
+    assert info.has_model
+    assert state.models == (GEMMA, "tiny")  # listed under both names
+    assert state.loaded is not None
+    assert set(state.loaded) == {GEMMA, "tiny:latest"}
 
 
 async def test_a_streamed_tool_call_arrives_typed(fake_ollama: FakeOllamaFactory) -> None:

@@ -488,8 +488,17 @@ class AsyncCortex:
             live: list[str] = []
             for url in missing_on:
                 live.extend(fleet.node(url).models)
+            hint = None
+            if all(fleet.node(url).kind == "openai" for url in missing_on):
+                hint = (
+                    "Load it on the server, or map this name to a model the server lists "
+                    "with Server(models={...})."
+                )
             raise ModelNotFoundError(
-                model, self.catalog.suggestions(model, extra=unique(live)), servers=missing_on
+                model,
+                self.catalog.suggestions(model, extra=unique(live)),
+                servers=missing_on,
+                hint=hint,
             )
         ollama_only = all(fleet.node(url).kind != "openai" for url in candidates)
         raise _server_error(model, _last_per_server(attempts, candidates), ollama_only)

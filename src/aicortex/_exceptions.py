@@ -47,7 +47,9 @@ class ModelNotFoundError(AICortexError):
     """The requested model is unknown to the catalog or missing on every server.
 
     ``suggestions`` holds close matches (from the catalog and from the models the
-    live servers list), best first.
+    live servers list), best first. ``servers`` are the servers that were asked.
+    ``hint`` says how to get the model, when there is no close match: by default
+    ``ollama pull``; for OpenAI-style servers, loading it or mapping the name.
     """
 
     def __init__(
@@ -56,16 +58,19 @@ class ModelNotFoundError(AICortexError):
         suggestions: Sequence[str] = (),
         *,
         servers: Sequence[str] = (),
+        hint: str | None = None,
     ) -> None:
         self.model = model
         self.suggestions: list[str] = list(suggestions)
         self.servers: list[str] = list(servers)
+        self.hint: str | None = None
         where = f" on {', '.join(self.servers)}" if self.servers else ""
         message = f"Model {model!r} was not found{where}."
         if self.suggestions:
             message += " Did you mean: " + ", ".join(repr(s) for s in self.suggestions) + "?"
         elif self.servers:
-            message += f" Pull it first (`ollama pull {model}`) or pick another model."
+            self.hint = hint or f"Pull it first (`ollama pull {model}`) or pick another model."
+            message += " " + self.hint
         super().__init__(message)
 
 

@@ -254,22 +254,20 @@ class Router:
                 checked_at=now,
                 latency=now - started,
                 version=found.version,
-                models=found.models,
+                models=found.models + _public_names(node, found.models),
             )
         self._probed[url] = health
         if health.up:
-            # A model known here by another name (Server.models) counts as listed.
-            keys = health.keys | {
-                k for k, v in node.names_here.items() if model_key(v) in health.keys
-            }
             loaded = found.loaded if found is not None else None
+            if loaded is not None:
+                loaded += _public_names(node, loaded)
             ejected = self.fleet.probed(
                 url,
                 now,
                 latency=health.latency or 0.0,
                 version=health.version,
                 models=health.models,
-                keys=keys,
+                keys=health.keys,
                 loaded=None if loaded is None else frozenset(model_key(n) for n in loaded),
             )
             for name in ejected:
@@ -551,6 +549,17 @@ class _Found(NamedTuple):
     failure: str | None = None
     not_ollama: bool = False  # it answered, but not as Ollama does
     listed: bool = False  # it listed its models, but is not ready to serve them
+
+
+def _public_names(node: Node, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names callers use (``Server.models``) for the models in ``names``, so that a
+    server is listed under them too."""
+    here = {model_key(n) for n in names}
+    return tuple(
+        public
+        for public in node.public_names
+        if model_key(node.names_here[model_key(public)]) in here and model_key(public) not in here
+    )
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

@@ -192,6 +192,7 @@ class Node:
     current: float = 0.0  # smooth weighted round robin
     kind: Literal["ollama", "openai"] | None = None  # the wire protocol; None: not known yet
     names_here: dict[str, str] = field(default_factory=dict[str, str])  # key -> its name here
+    public_names: tuple[str, ...] = ()  # the keys of names_here, as the caller wrote them
 
     def state(self, now: float) -> StateName:
         if self.breaker.until > now:
@@ -596,6 +597,7 @@ def _apply(node: Node, server: Server) -> None:
     if server.api != "auto":
         node.kind = server.api
     node.names_here = {model_key(k): v for k, v in (server.models or {}).items()}
+    node.public_names = tuple(server.models or {})
 
 
 def _reopen(node: Node) -> None:

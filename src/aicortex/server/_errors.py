@@ -9,12 +9,12 @@ exceptions (``BadRequestError``, ``AuthenticationError``, ``NotFoundError``, ...
 What happened                 Status  type                       code
 ============================  ======  =========================  =========================
 invalid JSON / field          400     invalid_request_error      (field-specific) / null
-Ollama rejected the request   400     invalid_request_error      null
+an upstream rejected it       400     invalid_request_error      null
 missing or wrong API key      401     invalid_request_error      invalid_api_key
 unknown model                 404     invalid_request_error      model_not_found
 unknown URL                   404     invalid_request_error      unknown_url
 body over the size cap        413     invalid_request_error      request_too_large
-every upstream down           503     api_error                  upstream_unavailable
+no upstream could serve it    503     api_error                  upstream_unavailable
 the total deadline passed     504     api_error                  upstream_timeout
 a bug in the proxy            500     api_error                  internal_error
 ============================  ======  =========================  =========================
@@ -34,7 +34,15 @@ from .._exceptions import (
     ValidationError,
 )
 
-__all__ = ["ProxyError", "error_body", "from_exception", "invalid", "missing", "param_of"]
+__all__ = [
+    "ProxyError",
+    "error_body",
+    "from_exception",
+    "invalid",
+    "missing",
+    "param_of",
+    "stream_error_text",
+]
 
 INVALID = "invalid_request_error"
 API_ERROR = "api_error"
@@ -127,22 +135,31 @@ def from_exception(exc: Exception) -> ProxyError:
         message += "."
         if exc.suggestions:
             message += " Did you mean: " + ", ".join(repr(s) for s in exc.suggestions) + "?"
-        else:
-            message += f" Pull it first (`ollama pull {exc.model}`) or pick another model."
+        elif exc.hint:
+            message += " " + exc.hint
         return ProxyError(404, message, param="model", code="model_not_found")
     if isinstance(exc, ValidationError):
         text = str(exc)
-        upstream = text.startswith("Ollama rejected the request")
+        upstream = text.startswith(("Ollama rejected the request", "The server rejected the"))
         return ProxyError(400, text, param=None if upstream else param_of(text))
     if isinstance(exc, ServerError):
         return ProxyError(503, str(exc), type=API_ERROR, code="upstream_unavailable")
     if isinstance(exc, CortexTimeoutError):
         return ProxyError(504, str(exc), type=API_ERROR, code="upstream_timeout")
     if isinstance(exc, StreamError):
-        return ProxyError(502, str(exc), type=API_ERROR, code="upstream_error")
+        return ProxyError(502, stream_error_text(exc), type=API_ERROR, code="upstream_error")
     return ProxyError(
         500,
         "The proxy failed unexpectedly; the error was logged with this request's x-request-id.",
         type=API_ERROR,
         code="internal_error",
     )
+
+
+def stream_error_text(exc: StreamError) -> str:
+    """A broken answer's message for an API client: what broke, without the advice
+    about ``.partial_text`` that only a Python caller can follow."""
+    if exc.reason is None:
+        return str(exc)
+    source = f" from {exc.server}" if exc.server else ""
+    return f"The stream{source} {exc.reason}. Retry the request to get a full answer."

@@ -19,7 +19,7 @@ from .._client import AsyncCortex, whole_answer
 from .._events import EventType
 from .._exceptions import StreamError
 from .._stream import AsyncStream
-from ._errors import API_ERROR, error_body
+from ._errors import API_ERROR, error_body, stream_error_text
 from ._gateway import Receive, Send
 from ._translate import DONE, ChatCall, ChunkWriter, frame
 
@@ -233,7 +233,7 @@ class SSEResponse:
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                 out = []
         except StreamError as exc:
-            out.append(frame(error_body(str(exc), API_ERROR, None, "upstream_error")))
+            out.append(frame(error_body(stream_error_text(exc), API_ERROR, None, "upstream_error")))
         except Exception as exc:
             logger.exception(
                 "[%s] the stream failed unexpectedly",
