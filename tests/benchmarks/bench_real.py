@@ -7,13 +7,15 @@ uvicorn, in its own process) with the ``openai`` client in front. For one stream
 the first token, medians over rounds. Goal: aicortex costs at most 2% of tokens/s and at
 most 5 ms of time to first token next to direct.
 
-Run with ``nox -s bench`` or ``python tests/benchmarks/bench_real.py``.
+Run with ``nox -s bench`` or ``python tests/benchmarks/bench_real.py``;
+``AICORTEX_BENCH_PIN=0`` leaves every process free to run on any CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -29,7 +31,7 @@ from aicortex import AsyncCortex, Timeout
 from llamacpp import MODEL_ALIAS, LlamaServer, free_port
 
 TOKENS = 64
-ROUNDS = 5
+ROUNDS = 9
 GOAL_TPS_LOSS = 0.02
 GOAL_TTFT_MS = 5.0
 MESSAGES = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
@@ -111,17 +113,36 @@ async def measure(server: str, proxy: str) -> dict[str, dict[int, list[tuple[flo
         }
         for runner in runners.values():  # warm-up: connections, the prompt cache
             await parallel(runner, 4)
-        for _ in range(ROUNDS):
+        order = list(runners.items())
+        for round_ in range(ROUNDS):
             for n in (1, 4):
-                for label, runner in runners.items():
+                # Each way goes first in turn: none always meets a server fresh from rest.
+                for label, runner in order[round_ % 3 :] + order[: round_ % 3]:
                     results[label][n].extend(await parallel(runner, n))
     await direct.close()
     await through.close()
     return results
 
 
+def pin(server: LlamaServer) -> str:
+    """On a machine with 2 CPUs or more, llama.cpp's threads on CPU 0 and this process
+    (and the proxy it starts) on the others: the server's one thread then loses no time
+    to the clients and the proxy, and what differs between the three ways is their own
+    cost, not the CPU they took from the model."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if os.environ.get("AICORTEX_BENCH_PIN") == "0":
+        return "not pinned (AICORTEX_BENCH_PIN=0)"
+    if len(cpus) < 2 or server.process is None:
+        return "not pinned (1 CPU)"
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpus[0]})
+    os.sched_setaffinity(0, set(cpus[1:]))
+    return f"server pinned to CPU {cpus[0]}, clients and proxy to {cpus[1:]}"
+
+
 def main() -> None:
     with LlamaServer(slots=4) as server:
+        pinning = pin(server)
         port = free_port()
         proxy_process = multiprocessing.Process(
             target=_serve_proxy, args=(port, server.url), daemon=True
@@ -141,7 +162,7 @@ def main() -> None:
             proxy_process.join()
     print(
         f"real server: llama.cpp (xllamacpp), {MODEL_ALIAS}, 4 slots, 1 thread; "
-        f"{TOKENS}-token streams, {ROUNDS} rounds, medians"
+        f"{TOKENS}-token streams, {ROUNDS} rounds, medians; {pinning}"
     )
     ok = True
     for n in (1, 4):
