@@ -300,6 +300,31 @@ async def test_every_busy_openai_style_server_is_said_to_be_busy(
     assert "slow down" in message
 
 
+async def test_balancing_and_affinity_span_both_kinds(fake_ollama: FakeOllamaFactory) -> None:
+    ollama = fake_ollama(models=[GEMMA])
+    openai_style = llamacpp(fake_ollama())
+    both = {ollama.url, openai_style.url}
+    async with AsyncCortex(
+        [ollama.url, openai_style.url], timeout=QUICK, fallback=False, routing="round_robin"
+    ) as client:
+        served: list[str] = []
+        for _ in range(4):
+            stream = await client.chat("hi", model=GEMMA, stream=True)
+            async with stream:
+                await stream.text()
+            served.append(stream.server)
+        assert set(served) == both
+        assert served[0] != served[1]
+        by_key: dict[str, set[str]] = {}
+        for key in [f"user-{i // 3}" for i in range(36)]:  # each key 3 times in a row
+            stream = await client.chat("hi", model=GEMMA, stream=True, affinity=key)
+            async with stream:
+                await stream.text()
+            by_key.setdefault(key, set()).add(stream.server)
+    assert all(len(servers) == 1 for servers in by_key.values())  # each key sticks
+    assert set().union(*by_key.values()) == both  # and the keys spread over both kinds
+
+
 class SSEThenClose(SSE):
     """As llama.cpp does after a stream: the whole answer, then the connection closed
     although the response said keep-alive."""
