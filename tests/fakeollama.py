@@ -880,6 +880,14 @@ class FakeOllama(_Background):
                 await asyncio.sleep(0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), _JOIN_TIMEOUT / 2)
+            # Last, any socket transport the loop still holds (one accepted as the server
+            # closed, whose handler never ran): the selector loop keeps them by fd.
+            leftover: Any = getattr(self._loop, "_transports", {})
+            for transport in list(leftover.values()):
+                if transport is not None and not transport.is_closing():
+                    transport.abort()
+            for _ in range(2):
+                await asyncio.sleep(0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
