@@ -38,6 +38,7 @@ from ._exceptions import (
     ServerError,
     StreamError,
     ValidationError,
+    without_advice,
 )
 from ._version import __version__
 from .tools._common import positive_seconds, server_list
@@ -261,8 +262,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except StreamError as exc:
                 if printed and not printed.endswith("\n"):
                     _out()
-                # The library's message ends with advice for Python callers; keep the facts.
-                reason = str(exc).split(" The partial text is in ", 1)[0]
+                reason = without_advice(exc)
                 raise CLIError(
                     f"{reason} The answer is incomplete; run the command again for a full one.",
                     EXIT_STREAM_BROKE,

@@ -142,6 +142,18 @@ class StreamError(AICortexError):
         super().__init__(message)
 
 
+# How a broken stream's message ends: advice that only a Python caller can follow.
+PARTIAL_TEXT_ADVICE = (
+    "The partial text is in .partial_text; retry the request to get a full answer."
+)
+
+
+def without_advice(exc: StreamError) -> str:
+    """``exc``'s message without :data:`PARTIAL_TEXT_ADVICE`, for the command line and
+    API clients, which say what to do in their own words."""
+    return str(exc).removesuffix(" " + PARTIAL_TEXT_ADVICE)
+
+
 class CortexTimeoutError(AICortexError, TimeoutError):
     """A time limit expired.
 

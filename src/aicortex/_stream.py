@@ -16,7 +16,7 @@ import httpx
 from pydantic_core import from_json
 
 from ._events import EventType, Stats, StreamEvent, ToolCall
-from ._exceptions import CortexTimeoutError, StreamError
+from ._exceptions import PARTIAL_TEXT_ADVICE, CortexTimeoutError, StreamError
 from ._idle import IdleWatch
 from ._openai import SSETranslator
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
@@ -522,7 +522,7 @@ class AsyncStream:
         partial = "".join(self._parts)
         message = (
             f"The stream from {self._server} broke after {self._index} tokens: {reason}. "
-            "The partial text is in .partial_text; retry the request to get a full answer."
+            + PARTIAL_TEXT_ADVICE
         )
         error = StreamError(
             message,

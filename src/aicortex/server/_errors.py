@@ -32,6 +32,7 @@ from .._exceptions import (
     ServerError,
     StreamError,
     ValidationError,
+    without_advice,
 )
 
 __all__ = [
@@ -157,9 +158,7 @@ def from_exception(exc: Exception) -> ProxyError:
 
 
 def stream_error_text(exc: StreamError) -> str:
-    """A broken answer's message for an API client: what broke, without the advice
-    about ``.partial_text`` that only a Python caller can follow."""
-    if exc.reason is None:
+    """A broken answer's message for an API client: what broke, and to retry."""
+    if exc.reason is None:  # not a broken answer: no advice to replace
         return str(exc)
-    source = f" from {exc.server}" if exc.server else ""
-    return f"The stream{source} {exc.reason}. Retry the request to get a full answer."
+    return without_advice(exc) + " Retry the request to get a full answer."
