@@ -53,6 +53,7 @@ __all__ = [
     "cut_after",
     "delayed",
     "drop_connection",
+    "embedding_of",
     "error_after",
     "garbage_response",
     "model_not_found",
@@ -561,6 +562,14 @@ def delayed(seconds: float, then: Script) -> Script:
     return _Delayed(seconds, then)
 
 
+def embedding_of(text: str, dimensions: int = 8) -> list[float]:
+    """The fake's (deterministic, L2-normalised) embedding of `text`."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(dimensions)]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
 def _canonical(name: str) -> str:
     name = name.lower()
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
@@ -600,6 +609,8 @@ _ROUTES: Mapping[str, frozenset[str]] = {
     "/api/show": frozenset({"POST"}),
     "/api/chat": frozenset({"POST"}),
     "/api/generate": frozenset({"POST"}),
+    "/api/embed": frozenset({"POST"}),
+    "/api/embeddings": frozenset({"POST"}),
 }
 
 
@@ -624,6 +635,8 @@ class _Builtin(Script):
             await status(200, {"models": models}).run(exchange)
         elif request.path == "/api/show":
             await self._show(exchange)
+        elif request.path in ("/api/embed", "/api/embeddings"):
+            await self._embed(exchange)
         else:
             await self._generate(exchange)
 
@@ -647,6 +660,41 @@ class _Builtin(Script):
             "modified_at": "2025-05-04T17:37:44.706015396-07:00",
         }
         await status(200, body).run(exchange)
+
+    async def _embed(self, exchange: Exchange) -> None:
+        server, body, name = exchange.server, exchange.body, exchange.model
+        legacy = exchange.request.path == "/api/embeddings"
+        if not server.has_model(name):
+            message = (
+                f"model '{name}' not found"
+                if not name
+                else f'model "{name}" not found, try pulling it first'
+            )
+            await status(404, {"error": message}).run(exchange)
+            return
+        texts: object = body.get("prompt", "") if legacy else body.get("input", [])
+        if isinstance(texts, str):
+            texts = [texts] if texts or legacy else []
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            await status(400, {"error": "invalid input type"}).run(exchange)
+            return
+        inputs = cast("list[str]", texts)
+        # A server computes one batch at a time, as one GPU would.
+        async with server._embedding:  # pyright: ignore[reportPrivateUsage]
+            await exchange.pause(server.embed_delay)
+        dimensions = body.get("dimensions") or server.dimensions
+        vectors = [embedding_of(text, dimensions) for text in inputs]
+        if legacy:
+            await status(200, {"embedding": vectors[0] if inputs[0] else []}).run(exchange)
+            return
+        answer = {
+            "model": name,
+            "embeddings": vectors,
+            "total_duration": 1_000_000 + 10_000 * len(inputs),
+            "load_duration": 1_000_000,
+            "prompt_eval_count": sum(len(t.split()) + 1 for t in inputs),
+        }
+        await status(200, answer).run(exchange)
 
     async def _generate(self, exchange: Exchange) -> None:
         body, path = exchange.body, exchange.request.path
@@ -715,7 +763,9 @@ class FakeOllama(_Background):
 
     Attributes may be changed between (and during) requests from the test thread:
     `models` (served by `/api/tags`), `loaded` (by `/api/ps`), `version`, `probe_delay`
-    (slept before answering `/`, `/api/version`, `/api/tags` and `/api/ps`) and `chat`.
+    (slept before answering `/`, `/api/version`, `/api/tags` and `/api/ps`), `chat`,
+    `embed_delay` (how long each `/api/embed` batch takes; batches are computed one at a time)
+    and `dimensions` (of its embeddings, see `embedding_of`).
     """
 
     def __init__(
@@ -730,6 +780,9 @@ class FakeOllama(_Background):
         self.loaded: list[str] = []
         self.version = version
         self.probe_delay = probe_delay
+        self.embed_delay = 0.0  # seconds each /api/embed batch takes, one batch at a time
+        self.dimensions = 8  # the length of the fake's embeddings
+        self._embedding = asyncio.Lock()  # made again for each event loop, in _main
         self.requests: list[Recorded] = []
         self.connections = 0  # TCP connections accepted
         self.disconnects = 0  # responses the client abandoned before they were complete
@@ -855,6 +908,7 @@ class FakeOllama(_Background):
     async def _main(self, ready: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        self._embedding = asyncio.Lock()
         server = await asyncio.start_server(
             self._serve, "127.0.0.1", self._port, reuse_address=True
         )

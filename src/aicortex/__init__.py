@@ -28,6 +28,8 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:
     from ._api import build_api_request as build_api_request
     from ._api import chat as chat
+    from ._api import embed as embed
+    from ._api import generate as generate
     from ._api import get_default_cortex as get_default_cortex
     from ._api import server_info as server_info
     from ._catalog import Catalog as Catalog
@@ -37,7 +39,9 @@ if TYPE_CHECKING:
     from ._client import ApiRequest as ApiRequest
     from ._client import AsyncCortex as AsyncCortex
     from ._client import ChatArgs as ChatArgs
+    from ._client import GenerateArgs as GenerateArgs
     from ._client import RequestArgs as RequestArgs
+    from ._embed import EmbedResult as EmbedResult
     from ._health import ServerInfo as ServerInfo
     from ._lookup import families as families
     from ._lookup import llm_params as llm_params
@@ -58,6 +62,8 @@ logging.getLogger("aicortex").addHandler(logging.NullHandler())
 _LAZY = {
     "build_api_request": "_api",
     "chat": "_api",
+    "embed": "_api",
+    "generate": "_api",
     "families": "_lookup",
     "get_default_cortex": "_api",
     "llm_params": "_lookup",
@@ -73,6 +79,8 @@ _LAZY = {
     "ApiRequest": "_client",
     "AsyncCortex": "_client",
     "ChatArgs": "_client",
+    "GenerateArgs": "_client",
+    "EmbedResult": "_embed",
     "RequestArgs": "_client",
     "ServerInfo": "_health",
     "Message": "_protocol",
@@ -93,7 +101,9 @@ __all__ = [
     "ChatArgs",
     "Cortex",
     "CortexTimeoutError",
+    "EmbedResult",
     "EventType",
+    "GenerateArgs",
     "Message",
     "ModelInfo",
     "ModelNotFoundError",
@@ -114,7 +124,9 @@ __all__ = [
     "__version__",
     "build_api_request",
     "chat",
+    "embed",
     "families",
+    "generate",
     "get_default_cortex",
     "llm_params",
     "model_info",

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import TYPE_CHECKING, Literal, overload
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, overload
 
-from ._client import ApiRequest, AsyncCortex, ChatArgs, Prompt, RequestArgs
+from ._client import (
+    DEFAULT_BATCH_SIZE,
+    ApiRequest,
+    AsyncCortex,
+    ChatArgs,
+    GenerateArgs,
+    Prompt,
+    RequestArgs,
+)
+from ._config import Timeout
+from ._embed import EmbedResult
 from ._health import ServerInfo
+from ._routing import Server
 from ._sync import Cortex, Stream
 
 if TYPE_CHECKING:
@@ -16,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = [
     "build_api_request",
     "chat",
+    "embed",
+    "generate",
     "get_default_cortex",
     "server_info",
 ]
@@ -70,6 +84,63 @@ def chat(
 ) -> str | Stream:
     """Chat through the default :class:`Cortex`; see :meth:`AsyncCortex.chat`."""
     return get_default_cortex().chat(prompt, model=model, stream=stream, **args)
+
+
+@overload
+def generate(
+    prompt: str,
+    *,
+    model: str | None = None,
+    stream: Literal[False] = False,
+    **args: Unpack[GenerateArgs],
+) -> str: ...
+
+
+@overload
+def generate(
+    prompt: str, *, model: str | None = None, stream: Literal[True], **args: Unpack[GenerateArgs]
+) -> Stream: ...
+
+
+@overload
+def generate(
+    prompt: str, *, model: str | None = None, stream: bool, **args: Unpack[GenerateArgs]
+) -> str | Stream: ...
+
+
+def generate(
+    prompt: str, *, model: str | None = None, stream: bool = False, **args: Unpack[GenerateArgs]
+) -> str | Stream:
+    """Complete a prompt through the default :class:`Cortex`; see :meth:`AsyncCortex.generate`."""
+    return get_default_cortex().generate(prompt, model=model, stream=stream, **args)
+
+
+def embed(
+    input: str | Sequence[str],
+    *,
+    model: str | None = None,
+    truncate: bool | None = None,
+    dimensions: int | None = None,
+    keep_alive: float | str | None = None,
+    server_url: str | Server | None = None,
+    options: Mapping[str, Any] | None = None,
+    timeout: Timeout | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    concurrency: int | None = None,
+) -> EmbedResult:
+    """Embed texts through the default :class:`Cortex`; see :meth:`AsyncCortex.embed`."""
+    return get_default_cortex().embed(
+        input,
+        model=model,
+        truncate=truncate,
+        dimensions=dimensions,
+        keep_alive=keep_alive,
+        server_url=server_url,
+        options=options,
+        timeout=timeout,
+        batch_size=batch_size,
+        concurrency=concurrency,
+    )
 
 
 def server_info(model: str | None = None, server_url: str | None = None) -> ServerInfo:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, TypeVar, cast, overload
 
 import anyio
 import httpx
@@ -25,6 +26,8 @@ from ._config import (
     env_servers,
     split_servers,
 )
+from ._embed import Batch, EmbedResult, assemble, split_batches
+from ._events import Stats
 from ._exceptions import (
     Attempt,
     AttemptKind,
@@ -36,17 +39,28 @@ from ._exceptions import (
 )
 from ._health import Health, ServerInfo, unique
 from ._openai import CHAT_PATH as OPENAI_CHAT
+from ._openai import EMBEDDINGS_PATH as OPENAI_EMBEDDINGS
 from ._openai import SSETranslator
 from ._openai import chat_body as openai_chat_body
 from ._openai import classify_status as openai_status
+from ._openai import embeddings_body as openai_embeddings_body
+from ._openai import embeddings_of as openai_embeddings_of
+from ._openai import generate_body as openai_generate_body
 from ._pools import HttpChoice, TransportName, connection_limits, http_choice
 from ._protocol import (
     CHAT_PATH,
+    EMBED_PATH,
+    GENERATE_PATH,
     Message,
     build_chat_body,
+    build_embed_body,
+    build_generate_body,
     build_messages,
     classify_status,
+    embed_inputs,
+    embeddings_of,
     encode_body,
+    error_text,
     model_key,
 )
 from ._router import Lease, Router, describe_error, request_timeouts
@@ -69,7 +83,17 @@ from ._urls import is_local_default, normalize_host
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["ApiRequest", "AsyncCortex", "ChatArgs", "RequestArgs", "whole_answer"]
+__all__ = [
+    "ApiRequest",
+    "AsyncCortex",
+    "ChatArgs",
+    "GenerateArgs",
+    "RequestArgs",
+    "collect_call",
+    "native_call",
+    "open_call",
+    "whole_answer",
+]
 
 logger = logging.getLogger("aicortex")
 
@@ -107,8 +131,39 @@ class ChatArgs(RequestArgs, total=False):
     affinity: str | None
 
 
+class GenerateArgs(TypedDict, total=False):
+    """The keyword arguments of :meth:`AsyncCortex.generate`, besides ``model`` and
+    ``stream``; each may be left out (or None).
+
+    ``server_url``, ``timeout`` and ``affinity`` are as for :class:`ChatArgs`. The others
+    are Ollama's ``/api/generate`` fields: ``suffix`` (the text after the gap, to fill
+    in the middle), ``raw`` (send the prompt without the model's template), ``images``,
+    ``system``, ``template`` (instead of the model's), ``context`` (an earlier answer's
+    ``context``, from its END event's ``raw``), ``options``, ``format``, ``think`` and
+    ``keep_alive``.
+    """
+
+    server_url: str | Server | None
+    suffix: str | None
+    raw: bool | None
+    images: Sequence[str | bytes | PathLike[str]] | None
+    system: str | None
+    template: str | None
+    context: Sequence[int] | None
+    options: Mapping[str, Any] | None
+    format: str | Mapping[str, Any] | None
+    think: bool | Literal["low", "medium", "high", "max"] | None
+    keep_alive: float | str | None
+    timeout: Timeout | None
+    affinity: str | None
+
+
 CHAT_ARGS = ChatArgs.__optional_keys__
+GENERATE_ARGS = GenerateArgs.__optional_keys__
 REQUEST_ARGS = RequestArgs.__optional_keys__
+DEFAULT_BATCH_SIZE = 64
+_PER_SERVER = 4  # embedding batches in flight per candidate server, by default
+_T = TypeVar("_T")
 
 
 def check_args(func: str, args: Mapping[str, object], allowed: frozenset[str]) -> None:
@@ -134,6 +189,7 @@ def _body(model: str, prompt: Prompt, stream: bool, args: RequestArgs) -> dict[s
 
 
 _ERROR_BODY_LIMIT = 64 * 1024
+_EMBED_BODY_LIMIT = 512 * 1024 * 1024  # a batch of long vectors as JSON; past it, an error
 # How a Python caller names its servers; the command line says it its own way.
 NO_SERVER_ADVICE = "servers=[...] or AICORTEX_SERVERS"
 
@@ -148,9 +204,9 @@ class ApiRequest(TypedDict):
 
 
 class _Call(NamedTuple):
-    """A planned chat: what to send, to which servers, within which limits."""
+    """A planned request: what to send, to which servers, within which limits."""
 
-    body: bytes  # the JSON sent to /api/chat
+    body: bytes  # the JSON sent to an Ollama server's `path`
     request: dict[str, Any]  # the same, as a dict (OpenAI-style servers get it translated)
     model: str
     candidates: list[str]
@@ -158,6 +214,7 @@ class _Call(NamedTuple):
     deadline: float | None
     affinity: str | None
     explicit: bool  # the caller named the server (server_url=)
+    path: str = CHAT_PATH  # /api/chat, /api/generate or /api/embed
 
 
 ServerSpec = str | Server
@@ -395,11 +452,221 @@ class AsyncCortex:
             return await self._open(call, [])
         return (await self._collect(call)).partial_text
 
+    # -- generate ------------------------------------------------------------
+
+    @overload
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        **args: Unpack[GenerateArgs],
+    ) -> str: ...
+
+    @overload
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        **args: Unpack[GenerateArgs],
+    ) -> AsyncStream: ...
+
+    @overload
+    async def generate(
+        self, prompt: str, *, model: str | None = None, stream: bool, **args: Unpack[GenerateArgs]
+    ) -> str | AsyncStream: ...
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        **args: Unpack[GenerateArgs],
+    ) -> str | AsyncStream:
+        """Complete ``prompt`` with Ollama's ``/api/generate``: no chat messages, and
+        ``suffix``, ``raw``, ``template`` and ``context`` available (see
+        :class:`GenerateArgs`).
+
+        Returns the text, or with ``stream=True`` an :class:`AsyncStream`, with the
+        same routing, failover and events as :meth:`chat`. On an OpenAI-style server a
+        plain prompt is sent as a one-message chat, and a ``raw`` one (or one with a
+        ``suffix``) to ``/v1/completions``.
+        """
+        check_args("generate", args, GENERATE_ARGS)
+        self._router.check_open()
+        model = model or self.default_model()
+        body = build_generate_body(
+            model,
+            prompt,
+            suffix=args.get("suffix"),
+            raw=args.get("raw"),
+            images=args.get("images"),
+            system=args.get("system"),
+            template=args.get("template"),
+            context=args.get("context"),
+            options=args.get("options"),
+            format=args.get("format"),
+            think=args.get("think"),
+            keep_alive=args.get("keep_alive"),
+        )
+        call = self._plan(body, model, args, GENERATE_PATH)
+        if stream:
+            return await self._open(call, [])
+        return (await self._collect(call)).partial_text
+
+    # -- embed ---------------------------------------------------------------
+
+    async def embed(
+        self,
+        input: str | Sequence[str],
+        *,
+        model: str | None = None,
+        truncate: bool | None = None,
+        dimensions: int | None = None,
+        keep_alive: float | str | None = None,
+        server_url: str | Server | None = None,
+        options: Mapping[str, Any] | None = None,
+        timeout: Timeout | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int | None = None,
+    ) -> EmbedResult:
+        """Embed one text or a list of texts; the vectors come back in input order.
+
+        A list longer than ``batch_size`` (64) is sent in batches, at most
+        ``concurrency`` at once (default: 4 per candidate server), each routed like a
+        chat: the routing strategy spreads the batches over the healthy servers that
+        have the model (``least_busy`` or ``round_robin`` use them all; ``priority``
+        keeps to the first), and a batch that fails is sent again to another server.
+        When a batch cannot be served anywhere the whole call fails with that error.
+
+        ``truncate`` (Ollama's default: true) cuts each text to the model's context;
+        ``dimensions`` shortens the vectors; ``keep_alive`` and ``options`` are as for
+        chats. OpenAI-style servers are asked at ``/v1/embeddings`` (``truncate``,
+        ``keep_alive`` and ``options`` have no field there).
+        """
+        self._router.check_open()
+        texts = embed_inputs(input)
+        model = model or self.default_model()
+        # Checked once for the whole call; each batch gets its own inputs.
+        body = build_embed_body(
+            model,
+            [],
+            truncate=truncate,
+            dimensions=dimensions,
+            keep_alive=keep_alive,
+            options=options,
+        )
+        batches = split_batches(texts, batch_size)
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1  # pyright: ignore[reportUnnecessaryIsInstance]
+        ):
+            raise ValidationError(f"concurrency must be a whole number >= 1, not {concurrency!r}.")
+        call = self._plan(body, model, {"server_url": server_url, "timeout": timeout}, EMBED_PATH)
+        if not batches:
+            return EmbedResult([], model, (), 0)
+        limit = concurrency or _PER_SERVER * len(call.candidates)
+        done: list[Batch] = []
+        failure: list[BaseException] = []
+        slots = anyio.Semaphore(limit)
+
+        async def run(start: int, part: list[str]) -> None:
+            async with slots:
+                try:
+                    sent = _Batch(start, part)
+                    done.append(await self._route(call, [], sent.attempt(self)))
+                except Exception as exc:  # the first failure ends the call, raised below
+                    if not failure:
+                        failure.append(exc)
+                    tg.cancel_scope.cancel()
+
+        with _total_deadline(call.deadline, call.timeout):
+            async with anyio.create_task_group() as tg:
+                for start, part in batches:
+                    tg.start_soon(run, start, part)
+        if failure:
+            raise failure[0]
+        return assemble(model, done, len(texts))
+
+    async def _embed_attempt(self, url: str, call: _Call, start: int, texts: list[str]) -> Batch:
+        """Embed one batch on ``url``; raises :class:`_Failed` as a chat attempt does."""
+        model, t = call.model, call.timeout
+        router = self._router
+        pool = router.pool(url)
+        node = router.fleet.node(url)
+        openai = node.kind == "openai"
+        request = call.request
+        if openai:
+            here = node.names_here.get(model_key(model), model)
+            body = openai_embeddings_body(here, texts, dimensions=request.get("dimensions"))
+            path = OPENAI_EMBEDDINGS
+        else:
+            body = {**request, "input": texts}
+            path = EMBED_PATH
+        timeouts = request_timeouts(t, "httpx")  # one JSON answer: the first-token limit reads it
+        content = encode_body(body)
+        limit = t.first_token
+        if call.deadline is not None:
+            remaining = max(call.deadline - anyio.current_time(), 0.0)
+            limit = remaining if limit is None else min(limit, remaining)
+        slots = pool.slots
+        lease: Lease | None = None
+        holding = False
+        with anyio.move_on_after(math.inf if limit is None else limit):
+            try:
+                if slots is not None:
+                    await slots.acquire()
+                    holding = True
+                lease = router.lease(url, model, slots)
+                holding = False
+                response = await pool.client.send(
+                    router.chat_request(url, content, timeouts, path), stream=True
+                )
+                try:
+                    data = await _read_capped(response, _EMBED_BODY_LIMIT)
+                finally:
+                    await _close(response)
+                if response.status_code != 200:
+                    if response.status_code == 501:  # llama.cpp started without --embeddings
+                        raise _Failed("failed", f"cannot embed here: {error_text(data)}", None)
+                    raise self._status_error(response, data, url, model, openai)
+                try:
+                    parsed: object = json.loads(data)
+                    if openai:
+                        vectors, tokens = openai_embeddings_of(parsed, len(texts))
+                        stats = Stats(prompt_tokens=tokens)
+                    else:
+                        vectors, stats = embeddings_of(parsed, len(texts))
+                except ValueError as exc:
+                    raise _Failed("failed", f"answered {path} wrongly: {exc}") from None
+                lease.answered()
+                lease.release(completed=True)
+                return Batch(start, vectors, url, stats)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise _Failed("unreachable", describe_error(exc, t), "unreachable") from None
+            except httpx.HTTPError as exc:
+                reason = describe_error(exc, t)
+                if _hung_up(exc):
+                    raise _Failed("unreachable", reason, "model") from None
+                raise _Failed("failed", reason, "model") from None
+            finally:
+                if lease is not None:
+                    lease.release()
+                if holding and slots is not None:
+                    slots.release()
+        raise _Failed("failed", f"no answer within {limit:g}s", "model")
+
     def _prepare(self, prompt: Prompt, model: str | None, args: ChatArgs) -> _Call:
         """Check a chat's arguments and plan it: body, servers to try, limits."""
         self._router.check_open()
         model = model or self.default_model()
-        body = _body(model, prompt, True, args)
+        return self._plan(_body(model, prompt, True, args), model, args, CHAT_PATH)
+
+    def _plan(self, body: dict[str, Any], model: str, args: Mapping[str, Any], path: str) -> _Call:
+        """Plan a request whose ``body`` is built: servers to try, limits."""
         timeout = args.get("timeout")
         t = timeout if timeout is not None else self._timeout
         if not isinstance(t, Timeout):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -411,7 +678,15 @@ class AsyncCortex:
         candidates = self.candidates(model, args.get("server_url"))
         explicit = args.get("server_url") is not None
         return _Call(
-            encode_body(body), body, model, candidates, t, deadline, affinity or None, explicit
+            encode_body(body) if path != EMBED_PATH else b"",
+            body,
+            model,
+            candidates,
+            t,
+            deadline,
+            affinity or None,
+            explicit,
+            path,
         )
 
     async def _collect(self, call: _Call) -> AsyncStream:
@@ -437,7 +712,18 @@ class AsyncCortex:
 
     async def _open(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
         """Route the chat and start it on the first server that answers."""
-        _, _, model, candidates, t, deadline, affinity, explicit = call
+        return await self._route(call, attempts, self._attempt)
+
+    async def _route(
+        self,
+        call: _Call,
+        attempts: list[Attempt],
+        attempt: Callable[[str, _Call], Awaitable[_T]],
+    ) -> _T:
+        """Route ``call``: ``attempt`` it on the best server, then on the next while
+        attempts fail; raises :class:`ModelNotFoundError` or :class:`ServerError` when
+        no server is left."""
+        _, _, model, candidates, t, deadline, affinity, explicit, _ = call
         router = self._router
         fleet = router.fleet
         key = model_key(model)
@@ -470,7 +756,7 @@ class AsyncCortex:
             if url is None:
                 break
             try:
-                return await self._attempt(url, call)
+                return await attempt(url, call)
             except _Failed as exc:
                 if exc.kind != "busy":
                     out.add(url)
@@ -479,7 +765,7 @@ class AsyncCortex:
                     kind = "busy"
                 elif kind == "model_missing":
                     missing_on.append(url)
-                else:
+                elif exc.record is not None:
                     router.failed(url, exc.record, exc.reason, key, model)
                 attempts.append(Attempt(url, exc.reason, kind))
         missing_on += [a.server for a in attempts if a.kind == "model_missing"]
@@ -573,12 +859,15 @@ class AsyncCortex:
         if node.kind == "openai":
             # This server's own name for the model, and OpenAI's request and stream shapes.
             here = node.names_here.get(model_key(model), model)
-            request = router.chat_request(
-                url, _openai_body(call.request, here), timeouts, OPENAI_CHAT
-            )
+            if call.path == GENERATE_PATH:
+                path, body = openai_generate_body(here, call.request)
+                content = encode_body(body)
+            else:
+                path, content = OPENAI_CHAT, _openai_body(call.request, here)
+            request = router.chat_request(url, content, timeouts, path)
             sse = SSETranslator(model)
         else:
-            request = router.chat_request(url, call.body, timeouts)
+            request = router.chat_request(url, call.body, timeouts, call.path)
         slots = pool.slots
         holding = waiting = False
         response: httpx.Response | None = None
@@ -766,16 +1055,45 @@ async def whole_answer(
     return await cortex._collect(call)  # pyright: ignore[reportPrivateUsage]
 
 
+def native_call(
+    cortex: AsyncCortex, path: str, body: Mapping[str, Any], *, affinity: str | None = None
+) -> _Call:
+    """Plan a request whose Ollama body (for ``path``: ``/api/chat`` or ``/api/generate``)
+    is given whole, every field as the caller sent it: the native gateway's pass-through.
+    Ollama servers get it as it is (streamed); OpenAI-style ones, translated."""
+    cortex._router.check_open()  # pyright: ignore[reportPrivateUsage]
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ValidationError("model is required")
+    request = {**body, "stream": True}
+    return cortex._plan(request, model, {"affinity": affinity}, path)  # pyright: ignore[reportPrivateUsage]
+
+
+async def open_call(cortex: AsyncCortex, call: _Call) -> AsyncStream:
+    """Start a planned request; returns once its first token has arrived."""
+    return await cortex._open(call, [])  # pyright: ignore[reportPrivateUsage]
+
+
+async def collect_call(cortex: AsyncCortex, call: _Call) -> AsyncStream:
+    """A planned request's whole answer, as a finished stream (retried on the next
+    server when it breaks midway, as nothing has reached the caller)."""
+    return await cortex._collect(call)  # pyright: ignore[reportPrivateUsage]
+
+
 class _Failed(Exception):
     """One attempt failed: ``kind`` for the :class:`Attempt` (``local``: no free local
-    connection, which says nothing about the server), ``record`` for its state machine."""
+    connection, which says nothing about the server), ``record`` for its state machine
+    (None: nothing to record, the server cannot do this kind of request)."""
 
     def __init__(
-        self, kind: AttemptKind | Literal["local"], reason: str, record: FailureKind = "failed"
+        self,
+        kind: AttemptKind | Literal["local"],
+        reason: str,
+        record: FailureKind | None = "failed",
     ) -> None:
         self.kind: AttemptKind | Literal["local"] = kind
         self.reason = reason
-        self.record: FailureKind = record
+        self.record: FailureKind | None = record
         super().__init__(reason)
 
 
@@ -876,6 +1194,22 @@ def _server_error(model: str, attempts: list[Attempt], ollama_only: bool) -> Ser
     return ServerError(f"The {servers}s could not serve model {model!r}.", attempts)
 
 
+class _Batch:
+    """One batch of an embed call, as the routing loop attempts it."""
+
+    __slots__ = ("start", "texts")
+
+    def __init__(self, start: int, texts: list[str]) -> None:
+        self.start = start
+        self.texts = texts
+
+    def attempt(self, cortex: AsyncCortex) -> Callable[[str, _Call], Awaitable[Batch]]:
+        async def run(url: str, call: _Call) -> Batch:
+            return await cortex._embed_attempt(url, call, self.start, self.texts)  # pyright: ignore[reportPrivateUsage]
+
+        return run
+
+
 class _total_deadline:
     """Turn an expired total deadline into :class:`CortexTimeoutError`."""
 
@@ -902,13 +1236,13 @@ class _total_deadline:
             raise CortexTimeoutError("total", self._t.total or 0.0)
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
-    data = b""
+async def _read_capped(response: httpx.Response, limit: int = _ERROR_BODY_LIMIT) -> bytes:
+    data = bytearray()
     async for chunk in response.aiter_bytes():
         data += chunk
-        if len(data) >= _ERROR_BODY_LIMIT:
+        if len(data) >= limit:
             break
-    return data
+    return bytes(data)
 
 
 async def _close(response: httpx.Response | None) -> None:

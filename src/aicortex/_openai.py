@@ -11,22 +11,29 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._protocol import Failure, error_text, json_int, json_object, json_objects
 
 __all__ = [
     "CHAT_PATH",
+    "COMPLETIONS_PATH",
+    "EMBEDDINGS_PATH",
     "MODELS_PATH",
     "SSETranslator",
     "chat_body",
     "classify_status",
+    "embeddings_body",
+    "embeddings_of",
+    "generate_body",
     "model_ids",
 ]
 
 logger = logging.getLogger("aicortex")
 
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 MODELS_PATH = "/v1/models"
 
 # Ollama's options that OpenAI's API has a field for; the others have no equivalent.
@@ -57,16 +64,7 @@ def chat_body(
     """
     dropped: list[str] = []
     body: dict[str, Any] = {"model": model, "messages": openai_messages(messages)}
-    body["stream"] = stream
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    for key, value in (options or {}).items():
-        if key == "num_predict":
-            body["max_tokens"] = value
-        elif key in _SAME_OPTIONS:
-            body[key] = value
-        else:
-            dropped.append(f"options.{key}")
+    _add_sampling(body, stream, options, dropped)
     if format == "json":
         body["response_format"] = {"type": "json_object"}
     elif isinstance(format, Mapping):
@@ -82,9 +80,105 @@ def chat_body(
         dropped.append("think")
     if keep_alive is not None:
         dropped.append("keep_alive")
+    _log_dropped(dropped)
+    return body, dropped
+
+
+def _log_dropped(dropped: Sequence[str]) -> None:
     if dropped:
         logger.debug("Not sent to an OpenAI-style server (no such field): %s", ", ".join(dropped))
-    return body, dropped
+
+
+def _add_sampling(
+    body: dict[str, Any], stream: bool, options: Mapping[str, Any] | None, dropped: list[str]
+) -> None:
+    body["stream"] = stream
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    for key, value in (options or {}).items():
+        if key == "num_predict":
+            body["max_tokens"] = value
+        elif key in _SAME_OPTIONS:
+            body[key] = value
+        else:
+            dropped.append(f"options.{key}")
+
+
+def generate_body(model: str, request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where and what to send for an Ollama ``/api/generate`` body (``request``) to an
+    OpenAI-style server: the path and the body.
+
+    A plain prompt becomes a chat of one user message (after ``system``, images
+    attached), which is what Ollama's generate does with the model's template. A
+    ``raw`` prompt, or one with a ``suffix`` (fill in the middle), goes to
+    ``/v1/completions`` as it is. ``template`` and ``context`` have no OpenAI field and
+    are left out (logged at debug level).
+    """
+    dropped = [name for name in ("template", "context") if request.get(name) is not None]
+    prompt = request.get("prompt") or ""
+    if request.get("raw") or request.get("suffix") is not None:
+        body: dict[str, Any] = {"model": model, "prompt": prompt}
+        if request.get("suffix") is not None:
+            body["suffix"] = request["suffix"]
+        _add_sampling(body, True, request.get("options"), dropped)
+        if request.get("format") is not None:
+            dropped.append("format")
+        if request.get("images"):
+            dropped.append("images")
+        _log_dropped(dropped)
+        return COMPLETIONS_PATH, body
+    _log_dropped(dropped)
+    messages: list[dict[str, Any]] = []
+    if isinstance(request.get("system"), str):
+        messages.append({"role": "system", "content": request["system"]})
+    user: dict[str, Any] = {"role": "user", "content": prompt}
+    if request.get("images"):
+        user["images"] = request["images"]
+    messages.append(user)
+    body, _ = chat_body(
+        model,
+        messages,
+        options=request.get("options"),
+        format=request.get("format"),
+        think=request.get("think"),
+        keep_alive=request.get("keep_alive"),
+    )
+    return CHAT_PATH, body
+
+
+def embeddings_body(
+    model: str, inputs: Sequence[str], *, dimensions: int | None = None
+) -> dict[str, Any]:
+    """The ``POST /v1/embeddings`` body for ``inputs``."""
+    body: dict[str, Any] = {"model": model, "input": list(inputs), "encoding_format": "float"}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return body
+
+
+def embeddings_of(body: object, count: int) -> tuple[list[list[float]], int | None]:
+    """The vectors of a ``/v1/embeddings`` answer in input order (by each item's
+    ``index``), which must hold ``count`` of them, and its prompt token count; raises
+    ``ValueError`` saying what is wrong."""
+    answer = json_object(body)
+    items = json_objects(answer.get("data"))
+    if len(items) != count:
+        raise ValueError(f"the answer holds {len(items)} embeddings for {count} inputs")
+    vectors: list[list[float] | None] = [None] * count
+    for position, item in enumerate(items):
+        index = json_int(item.get("index"))
+        index = position if index is None else index
+        vector = item.get("embedding")
+        if not 0 <= index < count or vectors[index] is not None:
+            raise ValueError(f"the answer has a wrong or repeated embedding index {index}")
+        if not isinstance(vector, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool)
+            for x in cast("list[object]", vector)
+        ):
+            raise ValueError("an embedding is not a list of numbers (encoding_format 'float')")
+        vectors[index] = cast("list[float]", vector)
+    usage = json_object(answer.get("usage"))
+    return [v for v in vectors if v is not None], json_int(usage.get("prompt_tokens"))
 
 
 def openai_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -150,7 +244,8 @@ def _data_uri(image: str) -> str:
 class SSETranslator:
     """One answer's SSE lines, read back as Ollama's ``/api/chat`` chunks.
 
-    Feed it each line of the body (without its line break). Text deltas become chunks
+    Feed it each line of the body (without its line break). Text deltas (or the
+    ``text`` of a ``/v1/completions`` stream) become chunks
     with ``message.content``, ``reasoning_content`` becomes ``message.thinking``, tool
     call fragments are joined and handed out whole when the answer finishes, and
     ``[DONE]`` becomes the final ``done: true`` chunk with ``done_reason`` and the token
@@ -194,7 +289,7 @@ class SSETranslator:
         for choice in json_objects(event.get("choices"))[:1]:
             delta = json_object(choice.get("delta"))
             message: dict[str, Any] = {}
-            content = delta.get("content")
+            content = delta.get("content", choice.get("text"))  # /v1/completions: "text"
             if isinstance(content, str) and content:
                 message["content"] = content
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")

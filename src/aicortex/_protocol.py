@@ -21,13 +21,19 @@ from ._exceptions import ValidationError
 
 __all__ = [
     "CHAT_PATH",
+    "EMBED_PATH",
+    "GENERATE_PATH",
     "Failure",
     "Message",
     "Prompt",
     "build_chat_body",
+    "build_embed_body",
+    "build_generate_body",
     "build_messages",
     "classify_status",
     "decode_line",
+    "embed_inputs",
+    "embeddings_of",
     "encode_body",
     "json_int",
     "json_object",
@@ -38,6 +44,8 @@ __all__ = [
 ]
 
 CHAT_PATH = "/api/chat"
+GENERATE_PATH = "/api/generate"
+EMBED_PATH = "/api/embed"
 TAGS_PATH = "/api/tags"
 VERSION_PATH = "/api/version"
 
@@ -251,9 +259,161 @@ def build_chat_body(
     keep_alive: float | str | None = None,
 ) -> dict[str, Any]:
     """Return the JSON body for ``POST /api/chat``; ``stream`` is always explicit."""
-    if not isinstance(model, str) or not model.strip():  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise ValidationError("model must be a non-empty string such as 'llama3.2:3b'.")
+    _check_model(model)
     body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
+    _add_common(body, options, format, think, keep_alive)
+    if tools is not None:
+        if isinstance(tools, (str, Mapping)) or not isinstance(tools, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError("tools must be a list of tool definitions.")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise ValidationError(
+                    f"tools[{i}] must be a dict like "
+                    '{"type": "function", "function": {"name": ..., "parameters": {...}}}.'
+                )
+        body["tools"] = [dict(t) for t in tools]
+    return body
+
+
+def build_generate_body(
+    model: str,
+    prompt: object,
+    *,
+    stream: bool = True,
+    suffix: str | None = None,
+    raw: bool | None = None,
+    images: Sequence[object] | None = None,
+    system: str | None = None,
+    template: str | None = None,
+    context: Sequence[int] | None = None,
+    options: Mapping[str, Any] | None = None,
+    format: str | Mapping[str, Any] | None = None,
+    think: bool | str | None = None,
+    keep_alive: float | str | None = None,
+) -> dict[str, Any]:
+    """Return the JSON body for ``POST /api/generate`` (a completion of ``prompt``, without
+    the chat's messages); ``stream`` is always explicit."""
+    _check_model(model)
+    if not isinstance(prompt, str):
+        raise ValidationError(
+            f"prompt must be a string for generate(), not {type(prompt).__name__}; "
+            "use chat() for a list of messages."
+        )
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "stream": stream}
+    for name, value in (("suffix", suffix), ("system", system), ("template", template)):
+        if value is not None:
+            if not isinstance(value, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise ValidationError(f"{name} must be a string, not {value!r}.")
+            body[name] = value
+    if raw is not None:
+        if not isinstance(raw, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError(f"raw must be true or false, not {raw!r}.")
+        if raw:
+            clashing = [n for n in ("system", "template") if n in body]
+            if context is not None:
+                clashing.append("context")
+            if clashing:
+                raise ValidationError(
+                    f"raw=True sends the prompt as it is, so it cannot be combined with "
+                    f"{' or '.join(clashing)}; drop {'them' if len(clashing) > 1 else 'it'} "
+                    "or leave raw unset."
+                )
+        body["raw"] = raw
+    if context is not None:
+        if isinstance(context, (str, bytes)) or not isinstance(context, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError("context must be a list of integers from an earlier answer.")
+        items = cast("Sequence[object]", context)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise ValidationError("context must be a list of integers from an earlier answer.")
+        body["context"] = list(context)
+    if images:
+        if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError("images must be a list.")
+        body["images"] = [encode_image(img) for img in images]
+    _add_common(body, options, format, think, keep_alive)
+    return body
+
+
+def build_embed_body(
+    model: str,
+    inputs: Sequence[str],
+    *,
+    truncate: bool | None = None,
+    dimensions: int | None = None,
+    keep_alive: float | str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return the JSON body for ``POST /api/embed`` with ``inputs`` (already checked to be
+    strings by :func:`embed_inputs`)."""
+    _check_model(model)
+    body: dict[str, Any] = {"model": model, "input": list(inputs)}
+    if truncate is not None:
+        if not isinstance(truncate, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError(f"truncate must be true or false, not {truncate!r}.")
+        body["truncate"] = truncate
+    if dimensions is not None:
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError(f"dimensions must be a whole number >= 1, not {dimensions!r}.")
+        body["dimensions"] = dimensions
+    _add_common(body, options, None, None, keep_alive)
+    return body
+
+
+def embed_inputs(value: object) -> list[str]:
+    """The texts to embed: one string, or a list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, Sequence):
+        raise ValidationError(
+            f"input must be a string or a list of strings, not {type(value).__name__}."
+        )
+    items = cast("Sequence[object]", value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ValidationError(
+                f"input[{i}] is a {type(item).__name__}; every input must be a string."
+            )
+    return list(cast("Sequence[str]", items))
+
+
+def embeddings_of(body: object, count: int) -> tuple[list[list[float]], Stats]:
+    """The vectors of an ``/api/embed`` answer, which must hold ``count`` of them, and
+    its token count and durations; raises ``ValueError`` saying what is wrong."""
+    answer = json_object(body)
+    vectors = answer.get("embeddings")
+    if not isinstance(vectors, list):
+        raise ValueError("the answer has no 'embeddings' list")
+    rows = cast("list[object]", vectors)
+    if len(rows) != count:
+        raise ValueError(f"the answer holds {len(rows)} embeddings for {count} inputs")
+    out: list[list[float]] = []
+    for row in rows:
+        if not isinstance(row, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool)
+            for x in cast("list[object]", row)
+        ):
+            raise ValueError("an embedding is not a list of numbers")
+        out.append(cast("list[float]", row))
+    return out, Stats(
+        prompt_tokens=json_int(answer.get("prompt_eval_count")),
+        total_duration=json_int(answer.get("total_duration")),
+        load_duration=json_int(answer.get("load_duration")),
+    )
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, str) or not model.strip():
+        raise ValidationError("model must be a non-empty string such as 'llama3.2:3b'.")
+
+
+def _add_common(
+    body: dict[str, Any],
+    options: Mapping[str, Any] | None,
+    format: str | Mapping[str, Any] | None,
+    think: bool | str | None,
+    keep_alive: float | str | None,
+) -> None:
+    """Check and add the arguments chat, generate and embed share."""
     if options is not None:
         if not isinstance(options, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValidationError("options must be a dict of Ollama parameters.")
@@ -272,16 +432,6 @@ def build_chat_body(
             body["format"] = dict(format)
         else:
             raise ValidationError("format must be 'json' or a JSON schema (a dict).")
-    if tools is not None:
-        if isinstance(tools, (str, Mapping)) or not isinstance(tools, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValidationError("tools must be a list of tool definitions.")
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
-                raise ValidationError(
-                    f"tools[{i}] must be a dict like "
-                    '{"type": "function", "function": {"name": ..., "parameters": {...}}}.'
-                )
-        body["tools"] = [dict(t) for t in tools]
     if think is not None:
         if not isinstance(think, bool) and think not in _THINK_LEVELS:
             raise ValidationError(
@@ -290,7 +440,6 @@ def build_chat_body(
         body["think"] = think
     if keep_alive is not None:
         body["keep_alive"] = _check_keep_alive(keep_alive)
-    return body
 
 
 # --- responses ---------------------------------------------------------------

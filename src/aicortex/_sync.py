@@ -17,15 +17,27 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 import httpx
 from anyio.from_thread import BlockingPortal
 
 from ._catalog import Catalog, ModelInfo, ServerEntry
-from ._client import CHAT_ARGS, ApiRequest, AsyncCortex, ChatArgs, Prompt, RequestArgs, check_args
+from ._client import (
+    CHAT_ARGS,
+    DEFAULT_BATCH_SIZE,
+    GENERATE_ARGS,
+    ApiRequest,
+    AsyncCortex,
+    ChatArgs,
+    GenerateArgs,
+    Prompt,
+    RequestArgs,
+    check_args,
+)
 from ._config import DEFAULT_HEALTH_TTL, Timeout
+from ._embed import EmbedResult
 from ._events import Stats, StreamEvent, ToolCall
 from ._exceptions import StreamError
 from ._health import ServerInfo
@@ -255,6 +267,86 @@ class Cortex:
             return opened
         chat = functools.partial(self._async.chat, prompt, model=model, stream=False, **args)
         return self._run(chat)
+
+    # -- generate and embed --------------------------------------------------
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        stream: Literal[False] = False,
+        **args: Unpack[GenerateArgs],
+    ) -> str: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        stream: Literal[True],
+        **args: Unpack[GenerateArgs],
+    ) -> Stream: ...
+
+    @overload
+    def generate(
+        self, prompt: str, *, model: str | None = None, stream: bool, **args: Unpack[GenerateArgs]
+    ) -> str | Stream: ...
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        **args: Unpack[GenerateArgs],
+    ) -> str | Stream:
+        """Blocking :meth:`AsyncCortex.generate`: the text, or a :class:`Stream`."""
+        check_args("generate", args, GENERATE_ARGS)
+        if stream:
+
+            async def opener() -> AsyncStream:
+                return await self._async.generate(prompt, model=model, stream=True, **args)
+
+            opened = Stream(self._portal(), opener)
+            self._streams.add(opened)
+            return opened
+        generate = functools.partial(
+            self._async.generate, prompt, model=model, stream=False, **args
+        )
+        return self._run(generate)
+
+    def embed(
+        self,
+        input: str | Sequence[str],
+        *,
+        model: str | None = None,
+        truncate: bool | None = None,
+        dimensions: int | None = None,
+        keep_alive: float | str | None = None,
+        server_url: str | Server | None = None,
+        options: Mapping[str, Any] | None = None,
+        timeout: Timeout | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int | None = None,
+    ) -> EmbedResult:
+        """Blocking :meth:`AsyncCortex.embed`."""
+        embed = functools.partial(
+            self._async.embed,
+            input,
+            model=model,
+            truncate=truncate,
+            dimensions=dimensions,
+            keep_alive=keep_alive,
+            server_url=server_url,
+            options=options,
+            timeout=timeout,
+            batch_size=batch_size,
+            concurrency=concurrency,
+        )
+        return self._run(embed)
 
     # -- live information ----------------------------------------------------
 
