@@ -7,13 +7,22 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from aicortex.server import create_app
-from fakeollama import FakeOllamaFactory, error_after, model_not_found, refused_url, reply, status
+from fakeollama import (
+    FakeOllamaFactory,
+    embedding_of,
+    error_after,
+    model_not_found,
+    refused_url,
+    reply,
+    status,
+)
 from test_server_app import QUICK, Served, ServeFactory
 from test_server_app import serve as serve  # the fixture
 
@@ -25,6 +34,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 MODEL = "llama3.2:3b"
+EMBED = "nomic-embed-text"
 MESSAGES: Any = [{"role": "user", "content": "What is the weather in Tokyo?"}]
 WEATHER_TOOL: Any = {
     "type": "function",
@@ -312,3 +322,72 @@ async def test_async_client_with_keys(serve: ServeFactory, fake_ollama: FakeOlla
         assert (await good.chat.completions.create(model=MODEL, messages=MESSAGES)).choices
     finally:
         await good.close()
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedder(serve: ServeFactory, fake_ollama: FakeOllamaFactory) -> tuple[list[Any], str]:
+    """Two fake Ollamas with an embedding model, and the proxy in front of them."""
+    servers = [fake_ollama(models=[EMBED]) for _ in range(2)]
+    return servers, serve(servers=[s.url for s in servers], routing="round_robin")
+
+
+def test_embeddings_with_the_openai_client(embedder: tuple[list[Any], str]) -> None:
+    servers, url = embedder
+    texts = [f"passage {i}" for i in range(100)]
+    with client(url) as c:
+        # The client asks for base64 unless told otherwise, and decodes it itself.
+        answer = c.embeddings.create(model=EMBED, input=texts)
+        as_floats = c.embeddings.create(model=EMBED, input="one", encoding_format="float")
+        shorter = c.embeddings.create(model=EMBED, input=["a", "b"], dimensions=4)
+    assert [d.index for d in answer.data] == list(range(100))
+    for item, text in zip(answer.data, texts, strict=True):
+        assert item.embedding == pytest.approx(embedding_of(text), abs=1e-6)
+    assert answer.model == EMBED
+    assert answer.usage.prompt_tokens == sum(len(t.split()) + 1 for t in texts)
+    assert as_floats.data[0].embedding == embedding_of("one")
+    assert [d.embedding for d in shorter.data] == [
+        pytest.approx(embedding_of("a", 4), abs=1e-6),
+        pytest.approx(embedding_of("b", 4), abs=1e-6),
+    ]
+    batches = [len(r.json["input"]) for s in servers for r in s.requests if r.path == "/api/embed"]
+    assert sorted(batches) == [1, 2, 36, 64]
+    assert all(s.count("/api/embed") >= 1 for s in servers)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "x"}, "model"),
+        ({"model": EMBED}, "input"),
+        ({"model": EMBED, "input": [[1, 2, 3]]}, "input"),
+        ({"model": EMBED, "input": ["a", ""]}, "input"),
+        ({"model": EMBED, "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": EMBED, "input": "x", "dimensions": 0}, "dimensions"),
+    ],
+)
+def test_bad_embedding_requests_are_400(
+    embedder: tuple[list[Any], str], body: dict[str, Any], param: str
+) -> None:
+    _, url = embedder
+    response = httpx.post(url + "/v1/embeddings", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_embeddings_of_an_unknown_model_raise_not_found(embedder: tuple[list[Any], str]) -> None:
+    _, url = embedder
+    with client(url) as c, pytest.raises(openai.NotFoundError, match="nope-embed"):
+        c.embeddings.create(model="nope-embed", input="x")
+
+
+async def test_async_client_embeddings(embedder: tuple[list[Any], str]) -> None:
+    _, url = embedder
+    async with async_client(url) as c:
+        answer = await c.embeddings.create(model=EMBED, input=["x", "y"])
+    assert [d.embedding for d in answer.data] == [
+        pytest.approx(embedding_of("x"), abs=1e-6),
+        pytest.approx(embedding_of("y"), abs=1e-6),
+    ]

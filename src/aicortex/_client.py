@@ -92,6 +92,7 @@ __all__ = [
     "collect_call",
     "native_call",
     "open_call",
+    "router_of",
     "whole_answer",
 ]
 
@@ -1069,6 +1070,11 @@ def native_call(
     return cortex._plan(request, model, {"affinity": affinity}, path)  # pyright: ignore[reportPrivateUsage]
 
 
+def router_of(cortex: AsyncCortex) -> Router:
+    """The :class:`Router` (pools, probes, server states) of ``cortex``."""
+    return cortex._router  # pyright: ignore[reportPrivateUsage]
+
+
 async def open_call(cortex: AsyncCortex, call: _Call) -> AsyncStream:
     """Start a planned request; returns once its first token has arrived."""
     return await cortex._open(call, [])  # pyright: ignore[reportPrivateUsage]
@@ -1112,7 +1118,7 @@ def _openai_body(request: dict[str, Any], model: str) -> bytes:
     """``request`` (an ``/api/chat`` body) as the body of ``/v1/chat/completions``."""
     body, _ = openai_chat_body(
         model,
-        request["messages"],
+        request.get("messages") or [],
         options=request.get("options"),
         format=request.get("format"),
         tools=request.get("tools"),

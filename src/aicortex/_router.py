@@ -116,6 +116,9 @@ class Router:
         ] = {}
         self._inflight: dict[str, anyio.Event] = {}
         self._probed: dict[str, Health] = {}  # the last probe of each server
+        # What the last good probe of each Ollama server listed, entry by entry as it
+        # sent them (GET /api/tags, then /api/ps): the native gateway's model lists.
+        self._listings: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
         # Probes no request waits for, and the events set when each one has ended.
         self._background: dict[anyio.CancelScope, anyio.Event] = {}
         self._closed = False
@@ -257,6 +260,8 @@ class Router:
                 models=found.models + _public_names(node, found.models),
             )
         self._probed[url] = health
+        if health.up and found is not None:
+            self._listings[url] = (list(found.entries), list(found.loaded_entries))
         if health.up:
             loaded = found.loaded if found is not None else None
             if loaded is not None:
@@ -281,6 +286,7 @@ class Router:
         tags: dict[str, Any] = {}
         version: list[str] = []
         loaded: list[list[str]] = []
+        loaded_entries: list[dict[str, Any]] = []
         failure: list[str] = []
         not_ollama: list[bool] = []
 
@@ -311,6 +317,7 @@ class Router:
                 return
             if path == PS_PATH:
                 loaded.append(_model_names(data.get("models")))
+                loaded_entries.extend(_entries(data.get("models")))
             elif isinstance(value := data.get("version"), str):
                 version.append(value)
 
@@ -327,6 +334,8 @@ class Router:
             tuple(_model_names(tags.get("models"))),
             version=version[0] if version else None,
             loaded=tuple(loaded[0]) if loaded else None,
+            entries=tuple(_entries(tags.get("models"))),
+            loaded_entries=tuple(loaded_entries),
         )
 
     async def _probe_openai(self, client: httpx.AsyncClient) -> _Found:
@@ -463,6 +472,11 @@ class Router:
                 tg.start_soon(run, url)
         return found
 
+    def listing(self, url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """The model entries of ``url``'s last good probe, as an Ollama server sent them:
+        ``/api/tags``' and ``/api/ps``' (None for a server never probed, or not Ollama)."""
+        return self._listings.get(url)
+
     def lease(self, url: str, model: str, slots: anyio.Semaphore | None) -> Lease:
         """Count a request to ``url`` in flight until its :class:`Lease` is released."""
         node = self.fleet.node(url)
@@ -549,6 +563,8 @@ class _Found(NamedTuple):
     failure: str | None = None
     not_ollama: bool = False  # it answered, but not as Ollama does
     listed: bool = False  # it listed its models, but is not ready to serve them
+    entries: tuple[dict[str, Any], ...] = ()  # /api/tags' models, as sent
+    loaded_entries: tuple[dict[str, Any], ...] = ()  # /api/ps' models, as sent
 
 
 def _public_names(node: Node, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -568,6 +584,17 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:
         return None
     return cast("dict[str, Any]", data) if isinstance(data, dict) else None
+
+
+def _entries(models: object) -> list[dict[str, Any]]:
+    """The model entries (JSON objects with a name) of a model list."""
+    if not isinstance(models, list):
+        return []
+    return [
+        cast("dict[str, Any]", item)
+        for item in cast("list[object]", models)
+        if isinstance(item, dict) and isinstance(item.get("model") or item.get("name"), str)  # pyright: ignore[reportUnknownMemberType]
+    ]
 
 
 def _model_names(models: object) -> list[str]:

@@ -25,7 +25,7 @@ from ._routing import FailureKind
 if TYPE_CHECKING:
     from trio.lowlevel import TrioToken
 
-__all__ = ["DEFAULT_MAX_LINE", "AsyncStream", "StartFailed", "StreamLease"]
+__all__ = ["DEFAULT_MAX_LINE", "AsyncStream", "StartFailed", "StreamLease", "final_chunk"]
 
 DEFAULT_MAX_LINE = 8 * 1024 * 1024
 """The longest NDJSON line a stream accepts, in bytes."""
@@ -568,6 +568,12 @@ class AsyncStream:
         finally:
             if self._lease is not None:
                 self._lease.release(completed=drain)
+
+
+def final_chunk(stream: AsyncStream) -> dict[str, Any] | None:
+    """The last chunk of a finished stream, decoded (its statistics and ``done_reason``)."""
+    end = stream._end  # pyright: ignore[reportPrivateUsage]
+    return None if end is None else end.raw
 
 
 def current_loop() -> asyncio.AbstractEventLoop | TrioToken:

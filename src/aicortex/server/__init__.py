@@ -1,8 +1,9 @@
-"""An OpenAI-compatible proxy in front of one or many Ollama servers.
+"""A proxy in front of one or many model servers that speaks OpenAI's API and Ollama's.
 
 ``create_app()`` returns a Starlette (ASGI) app: serve it with uvicorn, or mount it
-inside an existing Starlette or FastAPI app. Every OpenAI client can then use a whole
-fleet of Ollama servers, with failover, through ``POST /v1/chat/completions``::
+inside an existing Starlette or FastAPI app. Every OpenAI client (``/v1/*``) and every
+Ollama client (``/api/*``, e.g. with ``OLLAMA_HOST`` pointed at it) can then use a whole
+fleet of servers as one, with failover::
 
     from aicortex import AsyncCortex
     from aicortex.server import create_app

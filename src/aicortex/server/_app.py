@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,15 +19,29 @@ from starlette.routing import Route
 
 from .._client import AsyncCortex
 from .._config import Timeout
-from .._pools import HttpChoice, connection_limits, http_choice
-from .._protocol import model_key
-from .._routing import Server, Strategy, routing_choice
+from .._embed import EmbedResult
+from .._exceptions import ValidationError
+from .._pools import HttpChoice
+from .._protocol import embed_inputs, model_key
+from .._routing import Server, Strategy
 from ._auth import KeyChecker, load_keys
-from ._errors import ProxyError
-from ._gateway import ClientGone, Gateway, Receive, Send, dumps, read_body, request_id, send_json
+from ._errors import ProxyError, invalid, missing
+from ._gateway import (
+    ClientGone,
+    Gateway,
+    Receive,
+    Send,
+    dumps,
+    is_native,
+    read_body,
+    request_id,
+    send_json,
+)
+from ._handle import CortexHandle, Endpoint
+from ._ollama import native_routes
 from ._schema import decode_json, parse_chat_request
 from ._streaming import SSEResponse, collect, open_stream, unless_disconnected
-from ._translate import ChunkWriter, completion, completion_id, to_chat_call
+from ._translate import ChunkWriter, completion, completion_id, embedding_list, to_chat_call
 
 __all__ = ["CortexHandle", "create_app"]
 
@@ -41,71 +55,7 @@ _SSE_HEADERS = (
 )
 
 
-class CortexHandle:
-    """The :class:`AsyncCortex` behind an app: the one passed in, or one made on first use.
-
-    ``app.state.aicortex`` is this handle. A cortex the app created itself is closed by
-    :meth:`aclose` (the app's lifespan calls it at shutdown); a cortex passed in is
-    never closed by the app.
-    """
-
-    def __init__(
-        self,
-        cortex: AsyncCortex | None,
-        servers: Sequence[str | Server] | str | None = None,
-        timeout: Timeout | None = None,
-        http: HttpChoice | None = None,
-        max_connections: int | None = None,
-        routing: Strategy | None = None,
-    ) -> None:
-        self._cortex = cortex
-        self._servers = servers
-        self._timeout = timeout
-        # Checked now, so that a bad setting fails at start rather than on a first request.
-        self._routing: Strategy = routing_choice(routing)
-        self._http: HttpChoice = http_choice(http)
-        self._limits = connection_limits(None, max_connections)
-        self.owned = cortex is None
-
-    @property
-    def cortex(self) -> AsyncCortex:
-        """The cortex, created now if needed (creating one does no I/O, so no lock is needed:
-        nothing can run between the check and the assignment)."""
-        cortex = self._cortex
-        if cortex is None:
-            # Servers named explicitly are the whole fleet; otherwise the usual defaults.
-            self._cortex = cortex = AsyncCortex(
-                self._servers,
-                fallback=not self._servers,
-                timeout=self._timeout,
-                routing=self._routing,
-                http=self._http,
-                limits=self._limits,
-            )
-        return cortex
-
-    @property
-    def created(self) -> bool:
-        """Whether a cortex exists (passed in, or created by a first request)."""
-        return self._cortex is not None
-
-    async def aclose(self) -> None:
-        """Close the cortex if the app created it; a later request creates a new one."""
-        if self.owned and self._cortex is not None:
-            cortex, self._cortex = self._cortex, None
-            await cortex.aclose()
-
-
-class _Endpoint:
-    """Base of the routes: raw ASGI callables that share the app's settings."""
-
-    def __init__(self, handle: CortexHandle, max_body_size: int, started: int) -> None:
-        self.handle = handle
-        self.max_body_size = max_body_size
-        self.started = started
-
-
-class _ChatCompletions(_Endpoint):
+class _ChatCompletions(Endpoint):
     """``POST /v1/chat/completions``."""
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -159,7 +109,62 @@ class _ChatCompletions(_Endpoint):
         await send_json(send, 200, dumps(result), [(b"x-aicortex-server", answer.server.encode())])
 
 
-class _Models(_Endpoint):
+class _Embeddings(Endpoint):
+    """``POST /v1/embeddings``: ``input`` a string or a list of strings, batched over the
+    servers by :meth:`AsyncCortex.embed`."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        try:
+            body = await read_body(scope, receive, self.max_body_size)
+        except ClientGone:
+            return
+        data = decode_json(body)
+        if not isinstance(data, dict):
+            raise ProxyError(400, "The request body must be a JSON object.")
+        request = cast("dict[str, Any]", data)
+        model = request.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise missing("model")
+        raw: object = request.get("input")
+        if raw is None:
+            raise missing("input")
+        if (
+            isinstance(raw, list)
+            and raw
+            and all(isinstance(x, (int, list)) for x in cast("list[object]", raw))
+        ):
+            raise invalid("input", "token arrays are not supported; send the text itself")
+        try:
+            texts = embed_inputs(cast(object, raw))
+        except ValidationError:
+            raise invalid("input", "it must be a string or a list of strings") from None
+        if not texts or any(not t for t in texts):
+            raise invalid("input", "it must not be empty, nor hold an empty string")
+        encoding = request.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise invalid("encoding_format", f"{encoding!r} is not 'float' or 'base64'")
+        dimensions = request.get("dimensions")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+        ):
+            raise invalid("dimensions", "it must be a whole number >= 1")
+        cortex = self.handle.cortex
+
+        async def embed() -> EmbedResult:
+            return await cortex.embed(texts, model=model, dimensions=dimensions)
+
+        done = await unless_disconnected(receive, embed)
+        if done is None:
+            return
+        result = done[0]
+        answer = embedding_list(
+            result.embeddings, model, result.prompt_tokens, base64=encoding == "base64"
+        )
+        headers = [(b"x-aicortex-server", ", ".join(result.servers).encode())]
+        await send_json(send, 200, dumps(answer), headers)
+
+
+class _Models(Endpoint):
     """``GET /v1/models`` and ``GET /v1/models/{model}``: live models first, then the catalog."""
 
     async def _list(self) -> list[dict[str, Any]]:
@@ -198,7 +203,7 @@ class _Models(_Endpoint):
         raise ProxyError(404, message, param="model", code="model_not_found")
 
 
-class _Ready(_Endpoint):
+class _Ready(Endpoint):
     """``GET /ready``: 200 when at least one upstream answers its probe, else 503; each
     upstream with its routing state (see :meth:`AsyncCortex.server_states`)."""
 
@@ -249,6 +254,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing errors (unknown URL, wrong method) in OpenAI's shape."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     where = f"{request.method} {request.url.path}"
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    path = request.scope.get("path", "")
+    root = request.scope.get("root_path", "")
+    if is_native(path[len(root) :] if root and path.startswith(root) else path):
+        # Ollama's shape; its own words for these are "404 page not found" and so on.
+        text = {404: "404 page not found", 405: "405 method not allowed"}.get(status)
+        message = f"{text}: {where}" if text else f"HTTP {status}"
+        body = dumps({"error": message})
+        return Response(body, status, headers=headers, media_type="application/json")
     if status == 405:
         message, code = f"Method not allowed: {where}.", "method_not_allowed"
     elif status == 404:
@@ -256,7 +270,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         message, code = f"The request failed with HTTP {status}.", None
     error = ProxyError(status, message, code=code)
-    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     return Response(error.encode(), status, headers=headers, media_type="application/json")
 
 
@@ -272,10 +285,15 @@ def create_app(
     max_connections: int | None = None,
     routing: Strategy | None = None,
 ) -> Starlette:
-    """An OpenAI-compatible ASGI app in front of one or many Ollama servers.
+    """An ASGI app that serves OpenAI's API and Ollama's in front of one or many servers.
 
-    Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
-    ``GET /health`` (liveness) and ``GET /ready`` (200 when an upstream is up).
+    OpenAI's routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+    ``GET /v1/models`` and ``GET /v1/models/{id}``. Ollama's (the whole fleet as one
+    Ollama): ``GET /``, ``GET /api/version``, ``GET /api/tags``, ``GET /api/ps``,
+    ``POST /api/show``, ``POST /api/chat``, ``POST /api/generate``, ``POST /api/embed``
+    and ``POST /api/embeddings``; its model-management routes are refused with a message
+    that names ``aicortex pull``. And ``GET /health`` (liveness) and ``GET /ready`` (200
+    when an upstream is up).
 
     ``cortex``: the :class:`~aicortex.AsyncCortex` to use; the app never closes it.
     Without one, the app creates ``AsyncCortex(servers, timeout=timeout)`` on its
@@ -332,10 +350,12 @@ def create_app(
                 _ChatCompletions(handle, max_body_size, started),
                 methods=["POST"],
             ),
+            Route("/v1/embeddings", _Embeddings(handle, max_body_size, started), methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model:path}", models, methods=["GET"]),
             Route("/health", _health, methods=["GET"]),
             Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
+            *native_routes(handle, max_body_size, started),
         ],
         middleware=[Middleware(Gateway, keys=keys)],
         exception_handlers={HTTPException: _http_error},

@@ -41,6 +41,7 @@ __all__ = [
     "from_exception",
     "invalid",
     "missing",
+    "native_error",
     "param_of",
     "stream_error_text",
 ]
@@ -155,6 +156,32 @@ def from_exception(exc: Exception) -> ProxyError:
         type=API_ERROR,
         code="internal_error",
     )
+
+
+def native_error(exc: Exception) -> ProxyError:
+    """The answer for an exception on one of Ollama's routes: Ollama's statuses, and
+    messages that start the way Ollama's do (clients match ``not found``), each sent as
+    ``{"error": "..."}``."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, ModelNotFoundError):
+        message = f"model '{exc.model}' not found"
+        if exc.servers:
+            message += f" on {', '.join(exc.servers)}"
+        if exc.suggestions:
+            message += "; did you mean " + ", ".join(repr(s) for s in exc.suggestions) + "?"
+        elif exc.hint:
+            message += f". {exc.hint}"
+        else:
+            message += f"; pull it with `aicortex pull {exc.model}`"
+        return ProxyError(404, message)
+    if isinstance(exc, ValidationError):
+        text = str(exc)
+        for prefix in ("Ollama rejected the request: ", "The server rejected the request: "):
+            if text.startswith(prefix):  # the upstream's own words, as Ollama would say them
+                text = text[len(prefix) :]
+        return ProxyError(400, text)
+    return from_exception(exc)
 
 
 def stream_error_text(exc: StreamError) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ._auth import KeyChecker
-from ._errors import ProxyError, from_exception
+from ._errors import ProxyError, from_exception, native_error
 
 __all__ = [
     "REQUEST_ID",
@@ -22,6 +22,7 @@ __all__ = [
     "Receive",
     "Send",
     "dumps",
+    "is_native",
     "read_body",
     "request_id",
     "send_error",
@@ -63,10 +64,17 @@ async def send_json(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Send, error: ProxyError) -> None:
-    """Answer with an OpenAI error body and the error's status and headers."""
+async def send_error(send: Send, error: ProxyError, *, native: bool = False) -> None:
+    """Answer with the error's status and headers, and an OpenAI error body (with
+    ``native``, Ollama's ``{"error": "..."}``)."""
     headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
-    await send_json(send, error.status, error.encode(), headers)
+    body = dumps({"error": error.message}) if native else error.encode()
+    await send_json(send, error.status, body, headers)
+
+
+def is_native(path: str) -> bool:
+    """Whether ``path`` (inside the app) is one of Ollama's routes, answered in its shapes."""
+    return path == "/" or path.startswith("/api/")
 
 
 def _route_path(scope: dict[str, Any]) -> str:
@@ -111,12 +119,14 @@ class Gateway:
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
+        path = _route_path(scope)
         try:
-            if self.keys.enabled and _route_path(scope) != "/health":
+            if self.keys.enabled and path != "/health":
                 self.keys.check(_header(scope, b"authorization"))
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            error = from_exception(exc)
+            native = is_native(path)
+            error = native_error(exc) if native else from_exception(exc)
             if error.status >= 500 and not isinstance(exc, ProxyError):
                 if error.code == "internal_error":
                     logger.exception(
@@ -125,7 +135,7 @@ class Gateway:
                 else:
                     logger.warning("[%s] %s", request_id, exc, extra={"request_id": request_id})
             if not started:
-                await send_error(send_with_id, error)
+                await send_error(send_with_id, error, native=native)
 
 
 def _too_large(limit: int) -> ProxyError:

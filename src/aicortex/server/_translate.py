@@ -5,12 +5,15 @@
 * :class:`ChunkWriter`: stream events → ``chat.completion.chunk`` SSE frames, built
   from precomputed bytes so a token costs one string escape.
 * :func:`completion`: a collected answer → one ``chat.completion``.
+* :func:`embedding_list`: vectors → the ``/v1/embeddings`` answer.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import struct
+from base64 import b64encode
 from collections.abc import Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
@@ -21,6 +24,7 @@ from ._errors import invalid, missing
 from ._schema import ChatMessage, ChatRequest, ContentPart, ImageURL
 
 __all__ = [
+    "embedding_list",
     "DONE",
     "ChatCall",
     "ChunkWriter",
@@ -358,6 +362,26 @@ class ChunkWriter:
     def usage(self, stats: Stats | None) -> bytes:
         """The extra frame of ``stream_options.include_usage``: no choices, the token counts."""
         return self._usage_head + _compact(usage(stats)).encode() + b"}\n\n"
+
+
+def embedding_list(
+    vectors: Sequence[Sequence[float]], model: str, prompt_tokens: int | None, *, base64: bool
+) -> dict[str, Any]:
+    """The ``/v1/embeddings`` answer: each vector as a list of floats, or with ``base64``
+    as the base64 of its little-endian float32 values (what OpenAI's clients ask for)."""
+    data: list[dict[str, Any]] = []
+    for index, vector in enumerate(vectors):
+        value: object = list(vector)
+        if base64:
+            value = b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    tokens = prompt_tokens or 0
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def frame(obj: object) -> bytes:
