@@ -60,8 +60,9 @@ def free_port() -> int:
 class LlamaServer:
     """llama.cpp's server in a child process; a context manager."""
 
-    def __init__(self, slots: int = 4) -> None:
+    def __init__(self, slots: int = 4, *, embeddings: bool = False) -> None:
         self.slots = slots
+        self.embeddings = embeddings  # also serve /v1/embeddings
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -70,7 +71,14 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LlamaServer:
-        command = [sys.executable, __file__, str(self.port), str(model_path()), str(self.slots)]
+        command = [
+            sys.executable,
+            __file__,
+            str(self.port),
+            str(model_path()),
+            str(self.slots),
+            "embeddings" if self.embeddings else "",
+        ]
         self.process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -115,7 +123,7 @@ class LlamaServer:
         self.stop()
 
 
-def _serve(port: int, model: str, slots: int) -> None:
+def _serve(port: int, model: str, slots: int, embeddings: bool = False) -> None:
     import xllamacpp  # type: ignore[import-not-found]
 
     params = xllamacpp.CommonParams()
@@ -131,6 +139,9 @@ def _serve(port: int, model: str, slots: int) -> None:
     params.ui = False
     params.cache_ram_mib = 256
     params.model_alias = {MODEL_ALIAS}
+    if embeddings:
+        params.embedding = True
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     params.use_jinja = True
     params.chat_template = (
         Path(__file__).parent / "fixtures" / "llamacpp" / "gemma-tools.jinja"
@@ -146,4 +157,9 @@ def _serve(port: int, model: str, slots: int) -> None:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 4)
+    _serve(
+        int(sys.argv[1]),
+        sys.argv[2],
+        int(sys.argv[3]) if len(sys.argv) > 3 else 4,
+        len(sys.argv) > 4 and sys.argv[4] == "embeddings",
+    )

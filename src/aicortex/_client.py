@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, TypeVar, 
 
 import anyio
 import httpx
+from pydantic_core import from_json
 
 from ._catalog import Catalog, ModelInfo, ServerEntry, default_catalog
 from ._config import (
@@ -635,7 +635,7 @@ class AsyncCortex:
                         raise _Failed("failed", f"cannot embed here: {error_text(data)}", None)
                     raise self._status_error(response, data, url, model, openai)
                 try:
-                    parsed: object = json.loads(data)
+                    parsed: object = from_json(data)
                     if openai:
                         vectors, tokens = openai_embeddings_of(parsed, len(texts))
                         stats = Stats(prompt_tokens=tokens)

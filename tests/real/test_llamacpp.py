@@ -275,3 +275,54 @@ def test_the_proxy_serves_the_official_openai_client_from_the_real_server(
     finally:
         proxy.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def embedding_server() -> Iterator[LlamaServer]:
+    with LlamaServer(slots=2, embeddings=True) as running:
+        yield running
+
+
+def test_the_gateway_serves_the_official_ollama_client_from_the_real_server(
+    embedding_server: LlamaServer,
+) -> None:
+    """An Ollama client against the native gateway in front of llama.cpp: every answer
+    translated from OpenAI's API."""
+    import ollama
+    import uvicorn
+
+    from aicortex.server import create_app
+
+    port = free_port()
+    app = create_app(servers=[embedding_server.url], timeout=QUICK)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    gateway = uvicorn.Server(config)
+    thread = threading.Thread(target=gateway.run, daemon=True)
+    thread.start()
+    client = ollama.Client(host=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        while not gateway.started:
+            time.sleep(0.01)
+        assert [m.model for m in client.list().models] == [MODEL_ALIAS]
+        hi = [{"role": "user", "content": "hi"}]
+        answer = client.chat(MODEL_ALIAS, messages=hi, options={"num_predict": 8})
+        assert answer.message.content
+        assert answer.eval_count == 8
+        assert answer.done_reason == "length"
+        parts = list(client.chat(MODEL_ALIAS, messages=hi, options={"num_predict": 8}, stream=True))
+        assert sum(1 for p in parts if p.message.content) >= 4
+        assert parts[-1].done
+        assert parts[-1].eval_count == 8
+        generated = client.generate(
+            MODEL_ALIAS, "The capital of France is", raw=True, options={"num_predict": 6}
+        )
+        assert generated.response
+        assert generated.eval_count == 6
+        embedded = client.embed(MODEL_ALIAS, input=["hello world", "goodbye"])
+        assert len(embedded.embeddings) == 2
+        assert all(len(v) == 640 for v in embedded.embeddings)
+        assert embedded.embeddings[0] != embedded.embeddings[1]
+    finally:
+        client._client.close()  # pyright: ignore[reportPrivateUsage]
+        gateway.should_exit = True
+        thread.join(10)
