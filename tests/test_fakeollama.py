@@ -101,7 +101,7 @@ def test_unknown_paths_and_wrong_methods_get_gin_plain_text_errors(
     server: FakeOllama, client: httpx.Client
 ) -> None:
     """Unrouted paths answer 404 `404 page not found`, wrong methods 405, as text/plain."""
-    missing = client.post(f"{server.url}/api/embed", json={"model": "x"})
+    missing = client.post(f"{server.url}/api/blobs/sha256-0", json={"model": "x"})
     assert (missing.status_code, missing.text) == (404, "404 page not found")
     assert missing.headers["content-type"] == "text/plain"
     wrong = client.get(f"{server.url}/api/chat")

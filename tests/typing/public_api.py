@@ -164,3 +164,24 @@ def use_timeout() -> Timeout:
     probe: float = generous.probe
     print(first_token, probe)
     return Timeout(connect=1, first_token=2, idle=2, total=30, probe=1)
+
+
+async def use_generate_and_embed() -> None:
+    async with AsyncCortex(["http://gpu-box:11434"]) as cortex:
+        text: str = await cortex.generate("def f(", model="qwen2.5-coder:1.5b", suffix=")")
+        stream: AsyncStream = await cortex.generate("x", stream=True, raw=True)
+        flag: bool = bool(text) and not stream.closed
+        result: aicortex.EmbedResult = await cortex.embed(["a", "b"], model="nomic-embed-text")
+        vectors: list[list[float]] = result.embeddings
+        servers: tuple[str, ...] = result.servers
+        tokens: int | None = result.prompt_tokens
+        del flag, vectors, servers, tokens
+    with Cortex() as blocking:
+        done: str = blocking.generate("x", context=[1, 2])
+        streamed: Stream = blocking.generate("x", stream=True)
+        one: aicortex.EmbedResult = blocking.embed("a", dimensions=256)
+        del done, streamed, one
+    module_text: str = aicortex.generate("x")
+    module_vectors: aicortex.EmbedResult = aicortex.embed("x", batch_size=32)
+    args: aicortex.GenerateArgs = {"suffix": "x", "raw": False}
+    del module_text, module_vectors, args
