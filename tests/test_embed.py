@@ -331,3 +331,19 @@ def test_blocking_embed(fake_ollama: FakeOllamaFactory, monkeypatch: pytest.Monk
         assert aicortex.embed("x", model=EMBED).embeddings == expected(["x"])
     finally:
         default.close()
+
+
+async def test_least_busy_spreads_a_burst_of_batches_evenly(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """Every batch is counted in flight as soon as it is routed, so the batches sent at
+    once do not all see idle servers and pick the same one."""
+    servers = [fake_ollama(models=[EMBED]) for _ in range(4)]
+    for server in servers:
+        server.embed_delay = 0.05
+    urls = [s.url for s in servers]
+    async with AsyncCortex(urls, routing="least_busy", fallback=False, timeout=QUICK) as cortex:
+        await cortex.embed(["warm"], model=EMBED)  # probes done, as in a running service
+        result = await cortex.embed(TEXTS[:8], model=EMBED, batch_size=1)
+    assert result.embeddings == expected(TEXTS[:8])
+    assert sorted(s.count("/api/embed") for s in servers) == [2, 2, 2, 3]

@@ -619,7 +619,12 @@ class AsyncCortex:
         with anyio.move_on_after(math.inf if limit is None else limit):
             try:
                 if slots is not None:
-                    await slots.acquire()
+                    try:
+                        # Without a pause when a slot is free, so that the lease below
+                        # counts this batch before the next one is routed.
+                        slots.acquire_nowait()
+                    except anyio.WouldBlock:
+                        await slots.acquire()
                     holding = True
                 lease = router.lease(url, model, slots)
                 holding = False

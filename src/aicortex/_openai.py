@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from ._protocol import Failure, error_text, json_int, json_object, json_objects
+from ._protocol import Failure, error_text, is_vector, json_int, json_object, json_objects
 
 __all__ = [
     "CHAT_PATH",
@@ -171,10 +171,7 @@ def embeddings_of(body: object, count: int) -> tuple[list[list[float]], int | No
         vector = item.get("embedding")
         if not 0 <= index < count or vectors[index] is not None:
             raise ValueError(f"the answer has a wrong or repeated embedding index {index}")
-        if not isinstance(vector, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool)
-            for x in cast("list[object]", vector)
-        ):
+        if not is_vector(vector):
             raise ValueError("an embedding is not a list of numbers (encoding_format 'float')")
         vectors[index] = cast("list[float]", vector)
     usage = json_object(answer.get("usage"))

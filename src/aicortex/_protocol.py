@@ -35,6 +35,7 @@ __all__ = [
     "embed_inputs",
     "embeddings_of",
     "encode_body",
+    "is_vector",
     "json_int",
     "json_object",
     "json_objects",
@@ -388,10 +389,7 @@ def embeddings_of(body: object, count: int) -> tuple[list[list[float]], Stats]:
         raise ValueError(f"the answer holds {len(rows)} embeddings for {count} inputs")
     out: list[list[float]] = []
     for row in rows:
-        if not isinstance(row, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool)
-            for x in cast("list[object]", row)
-        ):
+        if not is_vector(row):
             raise ValueError("an embedding is not a list of numbers")
         out.append(cast("list[float]", row))
     return out, Stats(
@@ -399,6 +397,15 @@ def embeddings_of(body: object, count: int) -> tuple[list[list[float]], Stats]:
         total_duration=json_int(answer.get("total_duration")),
         load_duration=json_int(answer.get("load_duration")),
     )
+
+
+_NUMBERS = frozenset({float, int})
+
+
+def is_vector(value: object) -> bool:
+    """Whether ``value`` is a list of JSON numbers (not booleans). Checked by type, not
+    number by number: a batch of long vectors holds tens of thousands of them."""
+    return isinstance(value, list) and set(map(type, cast("list[object]", value))) <= _NUMBERS
 
 
 def _check_model(model: object) -> None:
