@@ -1,9 +1,10 @@
 """Pulling a model onto every server: the progress decoder, the layer sums, `AsyncCortex.pull`
-and `Cortex.pull` against fake servers on 127.0.0.1."""
+and `Cortex.pull` against fake servers on 127.0.0.1, and `aicortex pull`."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ import anyio
 import pytest
 
 from aicortex import AsyncCortex, Cortex, PullProgress, Server, Timeout, ValidationError
+from aicortex._cli import _PullLines, main
 from aicortex._pull import PullTracker, decode_pull_line
 from fakeollama import (
     PULL_LAYERS,
@@ -545,3 +547,153 @@ def test_ctrl_c_in_the_blocking_pull_closes_the_connection(
         for _ in cortex.pull(MODEL):
             pass
     assert server.wait_for_disconnect(5.0)
+
+
+# -- aicortex pull --------------------------------------------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["pull", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_command_pulls_onto_every_server_with_plain_lines_and_a_summary(
+    fake_ollama: FakeOllamaFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not on a terminal: a line per update, then which servers have the model; status 0."""
+    first, second = fake_ollama(), fake_ollama()
+    code, out, err = run_cli(capsys, MODEL, "--server", first.url, "-s", second.url)
+    assert (code, err) == (0, "")
+    assert f"{first.url}  pulling manifest\n" in out
+    layer_line = re.compile(rf"{first.url}  pulling ([0-9a-f]{{12}})  (\d+)% \((.*)\)\n")
+    shown = [(m[1], m[2], m[3]) for m in layer_line.finditer(out)]
+    digest = shown[0][0]
+    assert (digest, "0", "0 B/2.0 GB") in shown
+    assert (digest, "100", "2.0 GB/2.0 GB") in shown
+    assert f"{second.url}  success\n" in out
+    summary = out[out.rindex("\nSERVER") + 1 :].splitlines()
+    assert [row.split() for row in summary] == [
+        ["SERVER", "RESULT"],
+        [first.url, "pulled"],
+        [second.url, "pulled"],
+    ]
+    assert first.has_model(MODEL)
+    assert second.has_model(MODEL)
+
+
+def test_some_failed_is_status_1_naming_each_reason(
+    fake_ollama: FakeOllamaFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One server failing mid-stream and one refusing, one succeeding: status 1, the summary
+    says why, and stderr has one error line."""
+    good = fake_ollama()
+    bad = fake_ollama()
+    bad.on("/api/pull", ndjson_lines([line(status="pulling manifest"), line(error=MISSING)]))
+    refused = refused_url()
+    code, out, err = run_cli(capsys, MODEL, "-s", f"{good.url},{bad.url},{refused}")
+    assert code == 1
+    assert f"{good.url}  pulled\n" in out
+    assert f"{bad.url}  failed: {MISSING}\n" in out
+    assert f"{refused}  unreachable: connection refused\n" in out
+    assert err == (
+        f"aicortex: error: could not pull {MODEL!r} onto 2 of 3 servers: "
+        f"{bad.url} ({MISSING}); {refused} (connection refused)\n"
+    )
+
+
+def test_every_server_unreachable_is_status_3(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing reached: status 3, as for the other commands."""
+    first, second = refused_url(), refused_url()
+    code, out, err = run_cli(capsys, MODEL, "-s", first, "-s", second)
+    assert code == 3
+    assert f"{first}  unreachable: connection refused\n" in out
+    assert err.startswith(f"aicortex: error: could not pull {MODEL!r} onto 2 of 2 servers: ")
+
+
+def test_a_failure_on_a_reachable_server_is_status_1_even_if_others_are_down(
+    fake_ollama: FakeOllamaFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unreachable plus a real failure, nothing pulled: status 1, not 3."""
+    bad = fake_ollama()
+    code, _, _ = run_cli(capsys, "missing-model", "-s", bad.url, "-s", refused_url())
+    assert code == 1
+
+
+def test_the_command_defaults_to_ollama_host(
+    fake_ollama: FakeOllamaFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --server: AICORTEX_SERVERS, else OLLAMA_HOST, as the other commands."""
+    local, fleet = fake_ollama(), fake_ollama()
+    monkeypatch.setenv("OLLAMA_HOST", local.url)
+    assert run_cli(capsys, MODEL)[0] == 0
+    assert local.has_model(MODEL)
+    monkeypatch.setenv("AICORTEX_SERVERS", fleet.url)
+    assert run_cli(capsys, "qwen3:4b")[0] == 0
+    assert fleet.has_model("qwen3:4b")
+    assert not local.has_model("qwen3:4b")
+
+
+def test_an_empty_model_name_is_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    """Status 2, one line, nothing sent."""
+    code, _, err = run_cli(capsys, " ", "-s", refused_url())
+    assert (code, err) == (2, "aicortex: error: the model name is empty\n")
+
+
+def test_plain_lines_are_rate_limited_per_layer() -> None:
+    """A layer's line again only once it has advanced a point; other statuses once; each
+    server's last line always."""
+    lines = _PullLines([SERVER])
+    tracker = PullTracker(SERVER, MODEL)
+    feed = [line(status="pulling manifest")] * 2
+    feed += [layer(DIGEST_A, 10_000, i * 10) for i in range(1001)]  # a step of 0.1 %
+    feed += [layer(DIGEST_B, 10, 3), line(status="verifying sha256 digest")]
+    feed += [line(status="verifying sha256 digest"), line(status="success")]
+    shown = [lines.line(tracker.feed(decode(raw))) for raw in feed]
+    printed = [text for text in shown if text is not None]
+    layer_a = [text for text in printed if "aaaaaaaaaaaa" in text]
+    assert len(layer_a) == 101
+    assert layer_a[1] == f"{SERVER}  pulling aaaaaaaaaaaa  1% (100 B/10.0 KB)"
+    assert layer_a[-1] == f"{SERVER}  pulling aaaaaaaaaaaa  100% (10.0 KB/10.0 KB)"
+    assert printed.count(f"{SERVER}  pulling manifest") == 1
+    assert printed.count(f"{SERVER}  verifying sha256 digest") == 1
+    assert f"{SERVER}  pulling bbbbbbbbbbbb  30% (3 B/10 B)" in printed
+    assert printed[-1] == f"{SERVER}  success"
+    failed = PullProgress(SERVER, MODEL, "error", done=True, error="connection refused")
+    assert lines.line(failed) == f"{SERVER}  failed: connection refused"
+
+
+def test_a_terminal_gets_live_bars(
+    fake_ollama: FakeOllamaFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal, rich draws a bar per server instead of the plain lines."""
+    pytest.importorskip("rich")
+    server = fake_ollama()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, _ = run_cli(capsys, MODEL, "-s", server.url)
+    assert code == 0
+    assert "━" in out
+    assert "success" in out
+    assert f"{server.url}  pulling manifest\n" not in out
+    assert out.endswith(f"{server.url}  pulled\n")
+
+
+def test_a_terminal_without_rich_gets_the_plain_lines(
+    fake_ollama: FakeOllamaFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """rich is optional: without it a terminal gets the plain lines, not an error."""
+    server = fake_ollama()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich raises ImportError
+    code, out, _ = run_cli(capsys, MODEL, "-s", server.url)
+    assert code == 0
+    assert f"{server.url}  pulling manifest\n" in out
+    assert f"{server.url}  success\n" in out
