@@ -12,7 +12,9 @@ What `POST /api/chat` (or any path, see `FakeOllama.on`) does is a `Script`, bui
 `reply`, `status`, `busy`, `model_not_found`, `page_not_found`, `cut_after`, `error_after`,
 `stall_before_headers`, `stall_after`, `ndjson_lines`, `garbage_response`, `drop_connection`
 and `delayed`; subclass `Script` for anything else. Without a script the server behaves like
-a healthy Ollama that has `models` installed.
+a healthy Ollama that has `models` installed. Its `POST /api/pull` streams Ollama's progress
+lines and then adds the model to `models` (a name containing "missing" fails mid-stream
+instead); `DELETE /api/delete` removes a model.
 
 `BlackHole` accepts TCP connections and never answers; `refused_url()` names a port that
 refuses connections.
@@ -601,6 +603,36 @@ def _model_entry(name: str) -> dict[str, Any]:
     }
 
 
+PULL_LAYERS = (("model", 2_019_393_189), ("params", 96))
+"""The layers the builtin `POST /api/pull` reports for any model: (name, bytes)."""
+
+
+def _pull_lines(name: str) -> list[dict[str, Any]]:
+    """What Ollama streams for a pull of `name`: the manifest, two layers downloading in
+    turns, then the checks and "success"; for a name with "missing" in it, an error."""
+    lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+    if "missing" in name:
+        return [*lines, {"error": "pull model manifest: file does not exist"}]
+    layers = [
+        (f"sha256:{hashlib.sha256(f'{name}/{part}'.encode()).hexdigest()}", size)
+        for part, size in PULL_LAYERS
+    ]
+    for step in range(3):  # the layers interleave, as Ollama's concurrent downloads do
+        for digest, size in layers:
+            line: dict[str, Any] = {"status": f"pulling {digest[7:19]}", "digest": digest}
+            line["total"] = size
+            if step:  # Go's omitempty: no "completed" while it is 0
+                line["completed"] = size * step // 2
+            lines.append(line)
+    lines += [
+        {"status": "verifying sha256 digest"},
+        {"status": "writing manifest"},
+        {"status": "removing unused layers"},
+        {"status": "success"},
+    ]
+    return lines
+
+
 _ROUTES: Mapping[str, frozenset[str]] = {
     "/": frozenset({"GET", "HEAD"}),
     "/api/version": frozenset({"GET", "HEAD"}),
@@ -611,6 +643,8 @@ _ROUTES: Mapping[str, frozenset[str]] = {
     "/api/generate": frozenset({"POST"}),
     "/api/embed": frozenset({"POST"}),
     "/api/embeddings": frozenset({"POST"}),
+    "/api/pull": frozenset({"POST"}),
+    "/api/delete": frozenset({"DELETE"}),
 }
 
 
@@ -637,6 +671,10 @@ class _Builtin(Script):
             await self._show(exchange)
         elif request.path in ("/api/embed", "/api/embeddings"):
             await self._embed(exchange)
+        elif request.path == "/api/pull":
+            await self._pull(exchange)
+        elif request.path == "/api/delete":
+            await self._delete(exchange)
         else:
             await self._generate(exchange)
 
@@ -695,6 +733,36 @@ class _Builtin(Script):
             "prompt_eval_count": sum(len(t.split()) + 1 for t in inputs),
         }
         await status(200, answer).run(exchange)
+
+    async def _pull(self, exchange: Exchange) -> None:
+        # Ollama's progress lines; a name with "missing" in it has no manifest upstream.
+        name, server = exchange.model, exchange.server
+        if not name:
+            await status(400, {"error": "invalid model name"}).run(exchange)
+            return
+        lines = _pull_lines(name)
+        if not exchange.wants_stream:  # one answer at the end: the last line
+            self._pulled(server, name, lines[-1])
+            await status(200 if "status" in lines[-1] else 500, lines[-1]).run(exchange)
+            return
+        await exchange.start_stream()
+        for line in lines:
+            self._pulled(server, name, line)
+            await exchange.send_chunk(_encode(line) + b"\n")
+        await exchange.end_stream()
+
+    @staticmethod
+    def _pulled(server: FakeOllama, name: str, line: Mapping[str, Any]) -> None:
+        if line.get("status") == "success" and not server.has_model(name):
+            server.models.append(name)
+
+    async def _delete(self, exchange: Exchange) -> None:
+        name, server = exchange.model, exchange.server
+        if not server.has_model(name):
+            await status(404, {"error": f"model '{name}' not found"}).run(exchange)
+            return
+        server.models[:] = [m for m in server.models if _canonical(m) != _canonical(name)]
+        await exchange.respond(200, b"", "text/plain; charset=utf-8")
 
     async def _generate(self, exchange: Exchange) -> None:
         body, path = exchange.body, exchange.request.path

@@ -22,7 +22,7 @@ from aicortex._catalog import metadata_dir
 from fakeollama import FakeOllamaFactory, error_after, refused_url, reply, stall_before_headers
 
 SRC = str(Path(aicortex.__file__).resolve().parent.parent)
-COMMANDS = ["chat", "models", "families", "info", "servers", "refresh", "serve"]
+COMMANDS = ["chat", "models", "families", "info", "servers", "pull", "refresh", "serve"]
 NO_PROXY = (
     "aicortex: error: the proxy is not available in this installation "
     "(install aicortex-core[server])\n"
@@ -236,13 +236,16 @@ def test_offline_commands_read_another_catalog(tmp_path: Path) -> None:
     assert "'/no/such/dir' does not exist" in line
 
 
-@pytest.mark.parametrize("args", [["models"], ["families"], ["info", "qwen3:8b"]])
+@pytest.mark.parametrize(
+    "args", [["models"], ["families"], ["info", "qwen3:8b"], ["--help"], ["pull", "--help"]]
+)
 def test_offline_commands_import_no_http_stack(args: list[str]) -> None:
-    """``models``, ``families`` and ``info`` never import httpx, anyio or starlette."""
+    """``models``, ``families``, ``info`` and the help never import httpx, anyio, rich or
+    starlette."""
     code = (
         "import sys, aicortex._cli as cli\n"
         f"status = cli.main({args!r})\n"
-        "heavy = sorted(m for m in ('httpx', 'httpcore', 'anyio', 'starlette', 'uvicorn')"
+        "heavy = sorted(m for m in ('httpx', 'httpcore', 'anyio', 'starlette', 'uvicorn', 'rich')"
         " if m in sys.modules)\n"
         "sys.stderr.write(f'status={status} heavy={heavy}')\n"
     )
@@ -372,6 +375,29 @@ def test_ctrl_c_during_chat_exits_130(fake_ollama: FakeOllamaFactory) -> None:
     assert process.returncode == 130
     assert stderr == "aicortex: interrupted\n"
     assert server.wait_for_disconnect(timeout=10)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child needs POSIX")
+def test_ctrl_c_during_pull_exits_130(fake_ollama: FakeOllamaFactory) -> None:
+    """Ctrl-C while pulling ends with status 130 and cancels the request to every server."""
+    first, second = fake_ollama(), fake_ollama()
+    for server in (first, second):
+        server.on("/api/pull", stall_before_headers())
+    with subprocess.Popen(
+        [sys.executable, "-m", "aicortex", "pull", "qwen3:8b", "-s", first.url, "-s", second.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    ) as process:
+        assert first.wait_for_request("/api/pull", timeout=30)
+        assert second.wait_for_request("/api/pull", timeout=30)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stderr == "aicortex: interrupted\n"
+    assert first.wait_for_disconnect(timeout=10)
+    assert second.wait_for_disconnect(timeout=10)
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:

@@ -219,6 +219,73 @@ def test_show_and_ps_describe_installed_and_loaded_models(
     ]
 
 
+def test_pull_streams_ollama_progress_then_installs_the_model(
+    server: FakeOllama, client: httpx.Client
+) -> None:
+    """POST /api/pull: manifest, two interleaved layers (no `completed` while 0), the checks,
+    success; then the model is in /api/tags."""
+    body = {"model": "qwen3:8b", "insecure": False, "stream": True}
+    response = client.post(f"{server.url}/api/pull", json=body)
+    assert response.headers["content-type"] == "application/x-ndjson"
+    lines = lines_of(response)
+    statuses = [line["status"] for line in lines]
+    assert statuses[0] == "pulling manifest"
+    assert statuses[-4:] == [
+        "verifying sha256 digest",
+        "writing manifest",
+        "removing unused layers",
+        "success",
+    ]
+    layers = [line for line in lines if "digest" in line]
+    digests = [line["digest"] for line in layers]
+    assert digests[:2] != [digests[0]] * 2  # interleaved
+    assert all(line["status"] == f"pulling {line['digest'][7:19]}" for line in layers)
+    assert "completed" not in layers[0]
+    assert {line["digest"]: line["completed"] for line in layers[-2:]} == {
+        line["digest"]: line["total"] for line in layers[-2:]
+    }
+    assert "qwen3:8b" in [m["name"] for m in client.get(f"{server.url}/api/tags").json()["models"]]
+    again = client.post(f"{server.url}/api/pull", json={"model": "qwen3:8b", "stream": False})
+    assert again.json() == {"status": "success"}
+    assert server.models.count("qwen3:8b") == 1
+
+
+def test_pull_of_a_missing_model_fails_mid_stream_and_bad_names_up_front(
+    server: FakeOllama, client: httpx.Client
+) -> None:
+    """A name with "missing" gets Ollama's in-band error line (status 200); no name is 400."""
+    response = client.post(f"{server.url}/api/pull", json={"model": "missing-model"})
+    assert response.status_code == 200
+    assert lines_of(response) == [
+        {"status": "pulling manifest"},
+        {"error": "pull model manifest: file does not exist"},
+    ]
+    assert not server.has_model("missing-model")
+    empty = client.post(f"{server.url}/api/pull", json={"model": ""})
+    assert (empty.status_code, empty.json()) == (400, {"error": "invalid model name"})
+
+
+def test_delete_removes_an_installed_model_and_404s_otherwise(
+    server: FakeOllama, client: httpx.Client
+) -> None:
+    """DELETE /api/delete: 200 with an empty body, then 404 with Ollama's message."""
+    url = f"{server.url}/api/delete"
+    deleted = client.request("DELETE", url, json={"model": "llama3.2:3b"})
+    assert (deleted.status_code, deleted.content) == (200, b"")
+    assert server.models == []
+    again = client.request("DELETE", url, json={"model": "llama3.2:3b"})
+    assert (again.status_code, again.json()) == (404, {"error": "model 'llama3.2:3b' not found"})
+    assert client.post(url, json={"model": "x"}).status_code == 405
+
+
+def test_a_pull_script_overrides_the_builtin_pull(server: FakeOllama, client: httpx.Client) -> None:
+    """`server.on("/api/pull", ...)` answers instead of the builtin progress."""
+    server.on("/api/pull", status(500, {"error": "disk full"}))
+    response = client.post(f"{server.url}/api/pull", json={"model": "qwen3:8b"})
+    assert (response.status_code, response.json()) == (500, {"error": "disk full"})
+    assert not server.has_model("qwen3:8b")
+
+
 def test_a_script_list_is_consumed_per_request_and_its_last_script_repeats(
     server: FakeOllama, client: httpx.Client
 ) -> None:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from ._lookup import models as models
     from ._lookup import random_llm_params as random_llm_params
     from ._protocol import Message as Message
+    from ._pull import PullProgress as PullProgress
     from ._routing import Server as Server
     from ._routing import ServerState as ServerState
     from ._stream import AsyncStream as AsyncStream
@@ -84,6 +85,7 @@ _LAZY = {
     "RequestArgs": "_client",
     "ServerInfo": "_health",
     "Message": "_protocol",
+    "PullProgress": "_pull",
     "Server": "_routing",
     "ServerState": "_routing",
     "AsyncStream": "_stream",
@@ -108,6 +110,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFoundError",
     "ParamRange",
+    "PullProgress",
     "RequestArgs",
     "Server",
     "ServerEntry",

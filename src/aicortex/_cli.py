@@ -7,11 +7,13 @@
     aicortex families [--json]                 offline
     aicortex info MODEL [--json]               offline
     aicortex servers [MODEL] [--server URL ...] [--json]
+    aicortex pull MODEL [--server URL ...]     onto every server at once
     aicortex refresh [--metadata-dir DIR] [--server URL ...] [--dry-run]
     aicortex serve ...                         the OpenAI-compatible proxy (extra "server")
 
-Exit status: 0 ok; 1 internal error or a failed catalog write; 2 bad input or unknown model; 3 no
-reachable server; 4 the answer broke off mid-stream; 130 interrupted (Ctrl-C);
+Exit status: 0 ok; 1 internal error, a failed catalog write or a pull that failed on some
+server; 2 bad input or unknown model; 3 no reachable server; 4 the answer broke off
+mid-stream; 130 interrupted (Ctrl-C);
 141 stdout was closed early (a pipe). Every error is one line on stderr,
 ``aicortex: error: ...``; ``AICORTEX_DEBUG=1`` adds the traceback of an
 internal error.
@@ -29,7 +31,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 from ._exceptions import (
     AICortexError,
@@ -46,6 +48,7 @@ from .tools._common import positive_seconds, server_list
 if TYPE_CHECKING:
     from ._catalog import Catalog, ModelInfo
     from ._health import ServerInfo
+    from ._pull import PullProgress
     from .tools.check_models import ServerCheck
     from .tools.fetch_models import ServerModels
 
@@ -74,7 +77,8 @@ NO_PROXY = "the proxy is not available in this installation (install aicortex-co
 EXIT_STATUSES = """\
 exit status:
   0    ok
-  1    internal error (AICORTEX_DEBUG=1 shows the traceback), or a catalog write failed
+  1    internal error (AICORTEX_DEBUG=1 shows the traceback), a catalog write failed,
+       or a pull failed on some server
   2    bad input, or an unknown model (with suggestions)
   3    no server could be reached (each one tried is named)
   4    the answer broke off mid-stream
@@ -383,6 +387,182 @@ def _server_row(info: ServerInfo, model: str | None) -> list[str]:
     ]
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    model: str = args.model
+    if not model.strip():
+        raise CLIError("the model name is empty")
+    import anyio
+
+    from ._client import AsyncCortex
+
+    servers = server_list(args.server)
+    targets: list[str] = []
+    last: dict[str, PullProgress] = {}
+
+    async def run() -> None:
+        async with AsyncCortex(
+            servers or None, fallback=not servers, http=_one_shot_http()
+        ) as cortex:
+            pulling = cortex.pull(model)
+            targets.extend(pulling.servers)
+            with _pull_display(pulling.servers) as show:
+                async with pulling:
+                    async for progress in pulling:
+                        show(progress)
+                        if progress.done:
+                            last[progress.server] = progress
+
+    anyio.run(run)
+    rows: list[list[str]] = []
+    failed: list[str] = []
+    for url in targets:
+        progress = last.get(url)
+        if progress is not None and progress.error is None:
+            rows.append([url, "pulled"])
+            continue
+        reason = "no answer" if progress is None else progress.error or "failed"
+        unreachable = progress is not None and progress.unreachable
+        rows.append([url, f"{'unreachable' if unreachable else 'failed'}: {reason}"])
+        failed.append(f"{url} ({reason})")
+    _out()
+    _out(_table(["SERVER", "RESULT"], rows))
+    sys.stdout.flush()
+    if failed:
+        none_reached = all(p.unreachable for p in last.values()) and len(last) == len(targets)
+        code = EXIT_NO_SERVER if none_reached else EXIT_INTERNAL
+        where = f"{len(failed)} of {len(targets)} servers" if len(targets) > 1 else "the server"
+        raise CLIError(f"could not pull {model!r} onto {where}: {'; '.join(failed)}", code)
+    return EXIT_OK
+
+
+class _PullDisplay(Protocol):
+    """Shows a pull's progress while it runs."""
+
+    def __enter__(self) -> Callable[[PullProgress], None]: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def _pull_display(servers: Sequence[str]) -> _PullDisplay:
+    """Live bars on a terminal, when rich is installed; plain lines otherwise."""
+    if sys.stdout.isatty():
+        try:
+            return _PullBars(servers)
+        except ImportError:  # rich is optional (the "cli" extra)
+            pass
+    return _PullLines(servers)
+
+
+class _PullLines:
+    """A pull's progress as plain lines: each status of each server once, a layer's
+    line again whenever it has advanced by a point or more, and every server's last."""
+
+    def __init__(self, servers: Sequence[str]) -> None:
+        self._width = max((len(url) for url in servers), default=0)
+        self._shown: dict[tuple[str, str], float] = {}  # (server, status): percent shown
+
+    def __enter__(self) -> Callable[[PullProgress], None]:
+        return self.show
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def show(self, progress: PullProgress) -> None:
+        line = self.line(progress)
+        if line is not None:
+            _out(line)
+            sys.stdout.flush()
+
+    def line(self, progress: PullProgress) -> str | None:
+        """The line for ``progress``, or None when it would say nothing new."""
+        where = progress.server.ljust(self._width)
+        if progress.done:
+            text = "success" if progress.error is None else f"failed: {progress.error}"
+            return f"{where}  {text}"
+        key = (progress.server, progress.status)
+        total, completed = progress.total, progress.completed
+        if not total or completed is None:
+            if key in self._shown:
+                return None
+            self._shown[key] = 0.0
+            return f"{where}  {progress.status}"
+        percent = min(completed * 100 / total, 100.0)
+        before = self._shown.get(key)
+        finished = percent >= 100.0 and (before is None or before < 100.0)
+        if before is not None and percent - before < 1.0 and not finished:
+            return None
+        self._shown[key] = percent
+        sizes = f"{_size(completed)}/{_size(total)}"
+        return f"{where}  {progress.status}  {int(percent)}% ({sizes})"
+
+
+class _PullBars:
+    """A pull's progress as one live rich progress bar per server."""
+
+    def __init__(self, servers: Sequence[str], console: Any = None) -> None:
+        from rich.markup import escape
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self._escape = escape
+        self._bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        width = max((len(url) for url in servers), default=0)
+        self._tasks = {
+            url: self._bars.add_task(escape(url.ljust(width)), total=None, status="waiting")
+            for url in servers
+        }
+
+    def __enter__(self) -> Callable[[PullProgress], None]:
+        self._bars.start()
+        return self.show
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
+
+    def show(self, progress: PullProgress) -> None:
+        task = self._tasks.get(progress.server)
+        if task is None:
+            return
+        if progress.done and progress.error is None:
+            size = max(progress.bytes_total, 1)
+            self._bars.update(task, total=size, completed=size, status="[green]success[/]")
+        elif progress.done:
+            self._bars.update(task, status=f"[red]failed: {self._escape(progress.error or '')}[/]")
+        else:
+            self._bars.update(
+                task,
+                total=progress.bytes_total or None,
+                completed=progress.bytes_completed,
+                status=self._escape(progress.status),
+            )
+
+
+def _size(count: int) -> str:
+    """Bytes in decimal units, as Ollama shows them: 512 B, 41.0 MB, 2.9 GB."""
+    if count < 1000:
+        return f"{count} B"
+    value = count / 1000
+    units = ["KB", "MB", "GB", "TB"]
+    while value >= 1000 and len(units) > 1:
+        value /= 1000
+        units.pop(0)
+    return f"{value:.1f} {units[0]}"
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     import anyio
 
@@ -519,7 +699,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Use one or many Ollama servers as one: chat, list the model catalog, "
-        "check servers, refresh the catalog.",
+        "check servers, pull models onto them, refresh the catalog.",
         epilog=EXIT_STATUSES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -603,6 +783,17 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log warnings; name the HTTP transport"
     )
     servers.set_defaults(run=cmd_servers)
+
+    pull = sub.add_parser(
+        "pull",
+        help="pull a model onto every server at once",
+        description="Pull MODEL onto every server at once (Ollama's /api/pull), with a live "
+        "progress bar per server on a terminal (plain lines otherwise), then a summary: "
+        "which servers have it now and why the others failed.",
+    )
+    pull.add_argument("model", metavar="MODEL")
+    _add_server(pull, "pull onto this server (default: $AICORTEX_SERVERS, else $OLLAMA_HOST)")
+    pull.set_defaults(run=cmd_pull)
 
     refresh = sub.add_parser(
         "refresh",

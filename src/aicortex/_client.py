@@ -63,6 +63,7 @@ from ._protocol import (
     error_text,
     model_key,
 )
+from ._pull import PullStream
 from ._router import Lease, Router, describe_error, request_timeouts
 from ._routing import (
     DOWN,
@@ -1009,6 +1010,35 @@ class AsyncCortex:
         urls = unique([*self.candidates(), *router.fleet.nodes])
         now = router.now()
         return [router.fleet.snapshot(url, now) for url in urls]
+
+    def pull(self, model: str, servers: Sequence[ServerSpec] | str | None = None) -> PullStream:
+        """Pull ``model`` onto every server at once (Ollama's ``POST /api/pull``).
+
+        ``servers`` defaults to the configured servers, else the candidates. Returns a
+        :class:`PullStream` of :class:`PullProgress` events in arrival order, one with
+        ``done`` set last for each server; a server that fails (unreachable, an error
+        from Ollama, an OpenAI-style server, which cannot pull) says why in ``error``.
+        Nothing is sent before it is iterated; use it in ``async with`` so that leaving
+        early cancels every request. The whole pull has no time limit; a server silent
+        for longer than ``Timeout.idle`` (when None, 300 s) fails.
+        """
+        self._router.check_open()
+        if servers is None:
+            urls = self.servers or self.candidates()
+        else:
+            targets = _as_servers(servers)
+            for server in targets:
+                if server.api != "auto":
+                    self._router.fleet.configure(server)
+            urls = [server.url for server in targets]
+        router = self._router
+        return PullStream(
+            model,
+            urls,
+            timeout=self._timeout,
+            client=router.client,
+            kind=lambda url: router.fleet.node(url).kind,
+        )
 
     # -- offline helpers -----------------------------------------------------
 

@@ -42,6 +42,7 @@ from ._events import Stats, StreamEvent, ToolCall
 from ._exceptions import StreamError
 from ._health import ServerInfo
 from ._pools import HttpChoice, TransportName
+from ._pull import PullProgress, PullStream
 from ._routing import Server, ServerState, Strategy
 from ._stream import DEFAULT_MAX_LINE, AsyncStream
 
@@ -364,6 +365,17 @@ class Cortex:
         """Blocking :meth:`AsyncCortex.server_states` (read on the client's loop)."""
         return self._portal().call(self._async.server_states)
 
+    def pull(
+        self, model: str, servers: Sequence[str | Server] | str | None = None
+    ) -> Iterator[PullProgress]:
+        """Blocking :meth:`AsyncCortex.pull`: iterate it for :class:`PullProgress` events as
+        they arrive. Leaving the loop early (``break``, an exception, Ctrl-C) cancels every
+        server's request and closes its connection."""
+        portal = self._portal()
+        # Made on the loop, now: a bad model name or server list is raised here.
+        pulling = portal.call(functools.partial(self._async.pull, model, servers))
+        return _pull_events(portal, pulling)
+
     # -- offline helpers (no I/O, so no trip through the loop) ---------------
 
     def build_api_request(
@@ -405,6 +417,35 @@ class Cortex:
     def random_llm_params(self, model: str, seed: int | None = None) -> dict[str, int | float]:
         """Generation parameters drawn within the catalog's ranges; same seed, same result."""
         return self._async.random_llm_params(model, seed=seed)
+
+
+def _pull_events(portal: BlockingPortal, pulling: PullStream) -> Iterator[PullProgress]:
+    """The events of ``pulling``, read on the loop by a task that ends with the loop's
+    iteration: closing this generator cancels it, and with it every request."""
+    events: queue.SimpleQueue[PullProgress | _End] = queue.SimpleQueue()
+
+    async def pump() -> None:
+        end = _End(RuntimeError("The Cortex was closed during the pull."))
+        try:
+            async with pulling:
+                async for progress in pulling:
+                    events.put(progress)
+            end = _End()
+        except Exception as exc:
+            end = _End(exc)
+        finally:
+            events.put(end)
+
+    task = portal.start_task_soon(pump)
+    try:
+        while not isinstance(item := events.get(), _End):
+            yield item
+        if item.error is not None:
+            raise item.error
+    finally:
+        task.cancel()
+        with contextlib.suppress(CancelledError):
+            task.result(timeout=10)
 
 
 async def _call(func: Callable[[], object]) -> None:

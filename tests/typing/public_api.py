@@ -21,6 +21,7 @@ from aicortex import (
     EventType,
     ModelInfo,
     ModelNotFoundError,
+    PullProgress,
     ServerEntry,
     ServerError,
     ServerInfo,
@@ -106,6 +107,22 @@ def use_sync_cortex() -> None:
         request: ApiRequest = cortex.build_api_request("llama3.2:3b", "hi")
         print(request["url"])
     cortex.close()
+
+
+async def use_pull() -> None:
+    async with AsyncCortex(["http://a:11434", "http://b:11434"]) as cortex:
+        async with cortex.pull("llama3.2:3b") as progress:
+            async for step in progress:
+                p: PullProgress = step
+                share: float | None = p.fraction
+                failed: str | None = p.error if p.done else None
+                print(p.server, p.status, p.digest, p.total, p.completed, share, failed)
+        async for step in cortex.pull("llama3.2:3b", servers=["http://c:11434"]):
+            print(step.unreachable, step.bytes_completed, step.bytes_total)
+    with Cortex() as blocking:
+        for step in blocking.pull("llama3.2:3b"):
+            done: bool = step.done
+            print(done)
 
 
 def use_module_functions() -> None:
