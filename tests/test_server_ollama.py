@@ -416,3 +416,56 @@ def test_mounted_under_a_prefix(fake_ollama: FakeOllamaFactory, serve: ServeFact
     missing = httpx.get(url + "/ollama/api/missing")
     assert missing.status_code == 404
     assert "404 page not found" in missing.json()["error"]
+
+
+@pytest.fixture
+def managed(serve: ServeFactory, fake_ollama: FakeOllamaFactory) -> tuple[list[Any], str]:
+    """Two fake Ollamas and a gateway that lets clients pull and delete models."""
+    servers = [fake_ollama(models=[MODEL]) for _ in range(2)]
+    return servers, serve(servers=[s.url for s in servers], allow_management=True)
+
+
+def test_pull_goes_to_every_server_with_each_ones_progress(
+    managed: tuple[list[Any], str],
+) -> None:
+    servers, url = managed
+    steps = list(client(url).pull("qwen2.5:7b", stream=True))
+    assert steps[-1].status == "success"
+    ended = [s.status for s in steps if s.status and s.status.startswith("success on ")]
+    assert sorted(ended) == sorted(f"success on {s.url}" for s in servers)
+    layers = [s for s in steps if s.digest]
+    assert layers
+    assert all(s.total for s in layers)
+    assert all(server.has_model("qwen2.5:7b") for server in servers)
+    assert all(server.count("/api/pull") == 1 for server in servers)
+    whole = client(url).pull("gemma3:1b")  # not streamed: the last line only
+    assert whole.status == "success"
+
+
+def test_a_pull_that_fails_somewhere_ends_with_an_error(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory
+) -> None:
+    good = fake_ollama(models=[])
+    url = serve(servers=[good.url, refused_url()], allow_management=True)
+    with pytest.raises(ollama.ResponseError) as caught:
+        list(client(url).pull("qwen2.5:7b", stream=True))
+    assert "failed on 1 of 2 servers (it succeeded on 1)" in caught.value.error
+    assert "connection refused" in caught.value.error
+    with pytest.raises(ollama.ResponseError) as caught:
+        client(url).pull("missing-model")
+    assert caught.value.status_code == 500
+    assert "file does not exist" in caught.value.error
+
+
+def test_delete_goes_to_every_server(managed: tuple[list[Any], str]) -> None:
+    servers, url = managed
+    servers[1].models.append("qwen2.5:7b")
+    assert client(url).delete("qwen2.5:7b").status == "success"
+    assert not servers[1].has_model("qwen2.5:7b")
+    assert all(s.count("/api/delete") == 1 for s in servers)
+    with pytest.raises(ollama.ResponseError) as caught:
+        client(url).delete("qwen2.5:7b")
+    assert caught.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as caught:
+        client(url).copy(MODEL, "backup")
+    assert caught.value.status_code == 403

@@ -284,6 +284,7 @@ def create_app(
     http: HttpChoice | None = None,
     max_connections: int | None = None,
     routing: Strategy | None = None,
+    allow_management: bool = False,
 ) -> Starlette:
     """An ASGI app that serves OpenAI's API and Ollama's in front of one or many servers.
 
@@ -292,8 +293,10 @@ def create_app(
     Ollama): ``GET /``, ``GET /api/version``, ``GET /api/tags``, ``GET /api/ps``,
     ``POST /api/show``, ``POST /api/chat``, ``POST /api/generate``, ``POST /api/embed``
     and ``POST /api/embeddings``; its model-management routes are refused with a message
-    that names ``aicortex pull``. And ``GET /health`` (liveness) and ``GET /ready`` (200
-    when an upstream is up).
+    that names ``aicortex pull``, unless ``allow_management`` is set: then
+    ``POST /api/pull`` pulls onto every server at once (the progress of each streamed)
+    and ``DELETE /api/delete`` deletes from every server. And ``GET /health``
+    (liveness) and ``GET /ready`` (200 when an upstream is up).
 
     ``cortex``: the :class:`~aicortex.AsyncCortex` to use; the app never closes it.
     Without one, the app creates ``AsyncCortex(servers, timeout=timeout)`` on its
@@ -304,7 +307,7 @@ def create_app(
     comma-separated): when any key is set, every route but ``/health`` needs
     ``Authorization: Bearer <key>``. ``max_body_size``: larger bodies get 413.
     ``routing``, ``http`` and ``max_connections`` go to the ``AsyncCortex`` the app
-    creates.
+    creates. ``allow_management``: serve Ollama's ``pull`` and ``delete`` (see above).
 
     Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
     created when the server shuts down (ASGI lifespan). Mounted in another app, it
@@ -355,7 +358,7 @@ def create_app(
             Route("/v1/models/{model:path}", models, methods=["GET"]),
             Route("/health", _health, methods=["GET"]),
             Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
-            *native_routes(handle, max_body_size, started),
+            *native_routes(handle, max_body_size, started, allow_management=allow_management),
         ],
         middleware=[Middleware(Gateway, keys=keys)],
         exception_handlers={HTTPException: _http_error},

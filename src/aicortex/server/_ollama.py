@@ -23,6 +23,7 @@ from .._embed import EmbedResult
 from .._events import EventType
 from .._exceptions import StreamError, ValidationError
 from .._protocol import CHAT_PATH, GENERATE_PATH, embed_inputs, error_text, model_key
+from .._router import describe_error
 from .._stream import AsyncStream, final_chunk
 from ._errors import ProxyError, stream_error_text
 from ._gateway import ClientGone, Receive, Send, dumps, read_body, request_id, send_json
@@ -436,8 +437,149 @@ class _Refused(Endpoint):
         )
 
 
-def native_routes(handle: CortexHandle, max_body_size: int, started: int) -> list[Route]:
-    """The routes of Ollama's API."""
+class _Pull(Endpoint):
+    """``POST /api/pull`` with management on: the model is pulled onto every server at
+    once. Streamed, each server's progress lines (Ollama's own, with a ``server`` field),
+    a line when each one ends, then ``{"status": "success"}`` when every server has the
+    model, else ``{"error": ...}`` naming the servers that failed and why."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        try:
+            request = await _json_body(scope, receive, self.max_body_size)
+        except ClientGone:
+            return
+        model = request.get("model") or request.get("name")
+        if not isinstance(model, str) or not model.strip():
+            raise ProxyError(400, "model is required")
+        stream = request.get("stream", True) is not False
+        pull = self.handle.cortex.pull(model)
+        if not stream:
+            failures: list[str] = []
+
+            async def whole() -> None:
+                async with pull as progress:
+                    async for step in progress:
+                        if step.done and step.error is not None:
+                            failures.append(f"{step.server}: {step.error}")
+
+            if await unless_disconnected(receive, whole) is None:
+                return
+            if failures:
+                raise ProxyError(500, _pull_failed(model, failures, len(pull.servers)))
+            await send_json(send, 200, dumps({"status": "success"}))
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": list(_NDJSON_HEADERS)})
+
+        async def relay() -> None:
+            failures: list[str] = []
+            async with pull as progress:
+                async for step in progress:
+                    line: dict[str, Any] = {"server": step.server}
+                    if step.done:
+                        if step.error is None:
+                            line["status"] = f"success on {step.server}"
+                        else:
+                            failures.append(f"{step.server}: {step.error}")
+                            line["status"] = f"failed on {step.server}: {step.error}"
+                    else:
+                        line["status"] = step.status
+                        for name in ("digest", "total", "completed"):
+                            value = getattr(step, name)
+                            if value is not None:
+                                line[name] = value
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": dumps(line) + b"\n",
+                            "more_body": True,
+                        }
+                    )
+            end: dict[str, Any] = {"status": "success"}
+            if failures:
+                end = {"error": _pull_failed(model, failures, len(pull.servers))}
+            await send(
+                {"type": "http.response.body", "body": dumps(end) + b"\n", "more_body": False}
+            )
+
+        if await unless_disconnected(receive, relay) is None:
+            logger.info("[%s] the client went away; the pull was cancelled", request_id(scope))
+
+
+def _pull_failed(model: str, failures: Sequence[str], servers: int) -> str:
+    done = servers - len(failures)
+    return (
+        f"pulling {model} failed on {len(failures)} of {servers} servers"
+        f"{f' (it succeeded on {done})' if done else ''}: " + "; ".join(failures)
+    )
+
+
+class _Delete(Endpoint):
+    """``DELETE /api/delete`` with management on: the model is deleted from every server
+    that has it. 200 when no server failed, 404 when none had it."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        try:
+            request = await _json_body(scope, receive, self.max_body_size)
+        except ClientGone:
+            return
+        model = request.get("model") or request.get("name")
+        if not isinstance(model, str) or not model.strip():
+            raise ProxyError(400, "model is required")
+        cortex = self.handle.cortex
+        router = router_of(cortex)
+        urls = cortex.servers or cortex.candidates()
+        outcome: dict[str, str | None] = {}  # url -> None: deleted, "missing", or why not
+
+        async def delete(url: str) -> None:
+            node = router.fleet.node(url)
+            if node.kind == "openai":
+                outcome[url] = "an OpenAI-style server cannot delete models"
+                return
+            here = node.names_here.get(model_key(model), model)
+            try:
+                response = await router.client(url).request(
+                    "DELETE",
+                    "/api/delete",
+                    content=dumps({"model": here}),
+                    headers={"content-type": "application/json"},
+                    timeout=httpx.Timeout(_SHOW_TIMEOUT, connect=cortex.timeout.connect),
+                )
+            except httpx.HTTPError as exc:
+                outcome[url] = describe_error(exc, cortex.timeout)
+                return
+            if response.status_code == 200:
+                outcome[url] = None
+            elif response.status_code == 404:
+                outcome[url] = "missing"
+            else:
+                text = error_text(response.content) or f"HTTP {response.status_code}"
+                outcome[url] = f"{text} (HTTP {response.status_code})"
+
+        async def run() -> None:
+            async with anyio.create_task_group() as tg:
+                for url in urls:
+                    tg.start_soon(delete, url)
+
+        if await unless_disconnected(receive, run) is None:
+            return
+        failures = [f"{url}: {why}" for url, why in outcome.items() if why not in (None, "missing")]
+        if failures:
+            deleted = [url for url, why in outcome.items() if why is None]
+            where = f" (deleted on {', '.join(deleted)})" if deleted else ""
+            raise ProxyError(500, f"deleting {model} failed{where}: " + "; ".join(failures))
+        if all(why == "missing" for why in outcome.values()):
+            raise ProxyError(404, f"model '{model}' not found")
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]}
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+
+def native_routes(
+    handle: CortexHandle, max_body_size: int, started: int, *, allow_management: bool = False
+) -> list[Route]:
+    """The routes of Ollama's API; with ``allow_management``, ``pull`` and ``delete`` go
+    to every server (the other management routes are refused either way)."""
     args = (handle, max_body_size, started)
     routes = [
         Route("/", _Root(*args), methods=["GET", "HEAD"]),
@@ -452,7 +594,12 @@ def native_routes(handle: CortexHandle, max_body_size: int, started: int) -> lis
     ]
     for path in _MANAGEMENT:
         method = "DELETE" if path == "/api/delete" else "POST"
-        routes.append(Route(path, _Refused(*args, path), methods=[method]))
+        endpoint: Endpoint = _Refused(*args, path)
+        if allow_management and path == "/api/pull":
+            endpoint = _Pull(*args)
+        elif allow_management and path == "/api/delete":
+            endpoint = _Delete(*args)
+        routes.append(Route(path, endpoint, methods=[method]))
     routes.append(
         Route("/api/blobs/{digest}", _Refused(*args, "/api/blobs"), methods=["POST", "HEAD"])
     )

@@ -33,12 +33,14 @@ def serve(
     http: HttpChoice | None = None,
     max_connections: int | None = None,
     routing: Strategy | None = None,
+    allow_management: bool = False,
 ) -> None:
-    """Serve the OpenAI-compatible proxy with uvicorn until interrupted (Ctrl-C).
+    """Serve the proxy (OpenAI's API and Ollama's) with uvicorn until interrupted (Ctrl-C).
 
     Binds to 127.0.0.1 unless told otherwise: put the proxy on a public address only
     with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``
-    and ``max_connections`` are :class:`~aicortex.AsyncCortex`'s.
+    and ``max_connections`` are :class:`~aicortex.AsyncCortex`'s; ``allow_management``
+    lets Ollama clients pull models onto (and delete them from) every server.
     """
     try:
         import uvicorn
@@ -55,6 +57,7 @@ def serve(
         http=http,
         max_connections=max_connections,
         routing=routing,
+        allow_management=allow_management,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
 
@@ -109,6 +112,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 1000)",
     )
     parser.add_argument(
+        "--allow-management",
+        action="store_true",
+        help="let Ollama clients pull models onto every server (POST /api/pull) and delete "
+        "them from every server (DELETE /api/delete); refused by default",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -134,6 +143,7 @@ def run_serve(args: argparse.Namespace) -> int:
             http=getattr(args, "http", None),
             max_connections=getattr(args, "max_connections", None),
             routing=getattr(args, "routing", None),
+            allow_management=getattr(args, "allow_management", False),
         )
     except (ValidationError, ValueError) as exc:
         print(f"aicortex serve: {exc}", file=sys.stderr)
