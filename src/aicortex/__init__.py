@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ._lookup import random_llm_params as random_llm_params
     from ._protocol import Message as Message
     from ._pull import PullProgress as PullProgress
+    from ._pull import PullStream as PullStream
     from ._routing import Server as Server
     from ._routing import ServerState as ServerState
     from ._stream import AsyncStream as AsyncStream
@@ -86,6 +87,7 @@ _LAZY = {
     "ServerInfo": "_health",
     "Message": "_protocol",
     "PullProgress": "_pull",
+    "PullStream": "_pull",
     "Server": "_routing",
     "ServerState": "_routing",
     "AsyncStream": "_stream",
@@ -111,6 +113,7 @@ __all__ = [
     "ModelNotFoundError",
     "ParamRange",
     "PullProgress",
+    "PullStream",
     "RequestArgs",
     "Server",
     "ServerEntry",
