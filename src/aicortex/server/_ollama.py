@@ -18,7 +18,7 @@ import anyio
 import httpx
 from starlette.routing import Route
 
-from .._client import collect_call, native_call, open_call, router_of
+from .._client import AsyncCortex, collect_call, native_call, open_call, router_of
 from .._embed import EmbedResult
 from .._events import EventType
 from .._exceptions import StreamError, ValidationError
@@ -230,14 +230,21 @@ class _Version(Endpoint):
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         cortex = self.handle.cortex
+        versions = self._known(cortex)
+        if not versions:  # nothing probed yet (a client's first request): probe now
+            await cortex.probe_servers()
+            versions = self._known(cortex)
+        version = min(versions, key=_version_key) if versions else OLLAMA_VERSION
+        await send_json(send, 200, dumps({"version": version}))
+
+    @staticmethod
+    def _known(cortex: AsyncCortex) -> list[str]:
         fleet = router_of(cortex).fleet
-        versions = [
+        return [
             node.version
             for url in cortex.candidates()
             if (node := fleet.nodes.get(url)) is not None and node.kind == "ollama" and node.version
         ]
-        version = min(versions, key=_version_key) if versions else OLLAMA_VERSION
-        await send_json(send, 200, dumps({"version": version}))
 
 
 def _version_key(version: str) -> tuple[int, ...]:
