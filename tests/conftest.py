@@ -22,6 +22,7 @@ _ENVIRONMENT = (
     "AICORTEX_MODEL",
     "AICORTEX_METADATA_DIR",
     "OLLAMA_API_KEY",
+    "AICORTEX_CONFIG",
 )
 
 
@@ -80,6 +81,12 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the developer's Ollama/aicortex settings out of every test."""
     for name in _ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
+    from aicortex._settings import ENVIRONMENT
+
+    for _, name, _ in ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    # No user configuration file either: the tests' own folder, empty.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(Path(__file__).parent / "fixtures" / "no-config"))
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from aicortex._catalog import metadata_dir
 from fakeollama import FakeOllamaFactory, error_after, refused_url, reply, stall_before_headers
 
 SRC = str(Path(aicortex.__file__).resolve().parent.parent)
-COMMANDS = ["chat", "models", "families", "info", "servers", "pull", "refresh", "serve"]
+COMMANDS = ["chat", "models", "families", "info", "servers", "pull", "config", "refresh", "serve"]
 NO_PROXY = (
     "aicortex: error: the proxy is not available in this installation "
     "(install aicortex-core[server])\n"
@@ -577,3 +577,22 @@ def test_refresh_refuses_an_invalid_catalog_and_writes_nothing(catalog_dir: Path
     line = assert_one_error_line(aicortex_cmd("refresh", "--metadata-dir", str(catalog_dir)), 2)
     assert "is not valid; fix it before refreshing: llama.json: models[0].context_length:" in line
     assert {p.name: p.read_bytes() for p in catalog_dir.iterdir()} == before
+
+
+def test_online_commands_read_the_configuration_file(
+    fake_ollama: FakeOllamaFactory, tmp_path: Path
+) -> None:
+    """chat and servers use the file's servers and model; a bad file is bad input."""
+    server = fake_ollama(models=["qwen2.5:7b"], chat=reply(["from ", "the file"]))
+    config = tmp_path / "aicortex.toml"
+    config.write_text(f'model = "qwen2.5:7b"\n[[servers]]\nurl = "{server.url}"\n')
+    chat = aicortex_cmd("chat", "hi", "--config", str(config))
+    assert (chat.returncode, chat.stdout) == (0, "from the file\n"), chat.stderr
+    assert server.requests[-1].json["model"] == "qwen2.5:7b"
+    listed = aicortex_cmd("servers", "--json", AICORTEX_CONFIG=str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["url"] == server.url
+    config.write_text("[timeouts]\nconect = 1\n")
+    bad = aicortex_cmd("chat", "hi", "--config", str(config))
+    line = assert_one_error_line(bad, 2)
+    assert "timeouts.conect: unknown key; did you mean 'connect'?" in line

@@ -175,7 +175,11 @@ def test_serve_spreads_requests_by_the_routing_given(
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--max-connections", "0"], "max_connections must be a whole number >= 1"),
+        (
+            ["--max-connections", "0"],
+            "the option --max-connections: max_connections: Input should be greater than or "
+            "equal to 1",
+        ),
         (["--http", "curl"], "invalid choice: 'curl'"),
         (["--routing", "fastest"], "invalid choice: 'fastest'"),
     ],
@@ -187,3 +191,38 @@ def test_serve_refuses_a_bad_transport_setting_before_listening(
     result = serve_command(*option)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_serve_reads_its_settings_from_the_configuration_file(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory, tmp_path: Path
+) -> None:
+    """--config gives the servers and the routing; a flag wins over the file."""
+    first, second, unused = fake_ollama(), fake_ollama(), fake_ollama()
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        f'servers = ["{first.url}", "{second.url}"]\n'
+        '[routing]\nstrategy = "priority"\n[proxy]\nport = 1\n'
+    )
+    proxy = run_proxy("--config", str(config), "--routing", "round_robin")
+    proxy.wait_until_up()
+    for _ in range(4):
+        response = httpx.post(proxy.url + "/v1/chat/completions", json=HI, timeout=10)
+        assert response.status_code == 200
+    assert (first.count("/api/chat"), second.count("/api/chat")) == (2, 2)
+    assert unused.count("/api/chat") == 0
+    code, err = proxy.stop()
+    assert code == 0, err
+
+
+def test_serve_refuses_an_invalid_configuration_file(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[routing]\nstrategy = 'fastest'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "aicortex", "serve", "--config", str(config)],
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert f"{config}: routing.strategy: Input should be" in result.stderr

@@ -273,7 +273,7 @@ def test_embed_and_the_legacy_embeddings(gateway: tuple[Any, str]) -> None:
     answer = client(url).embed(EMBED, input=texts)
     assert answer.embeddings == [embedding_of(t) for t in texts]
     assert answer.prompt_eval_count is not None
-    assert [len(b["input"]) for b in sent(server, "/api/embed")] == [64, 6]
+    assert sorted(len(b["input"]) for b in sent(server, "/api/embed")) == [6, 64]
     one = client(url).embed(EMBED, input="single", dimensions=4, truncate=False)
     assert one.embeddings == [embedding_of("single", 4)]
     legacy = client(url).embeddings(EMBED, prompt="old style")

@@ -7,6 +7,7 @@
     aicortex families [--json]                 offline
     aicortex info MODEL [--json]               offline
     aicortex servers [MODEL] [--server URL ...] [--json]
+    aicortex config [--config PATH] [--json]   the resolved configuration, and its sources
     aicortex pull MODEL [--server URL ...]     onto every server at once
     aicortex refresh [--metadata-dir DIR] [--server URL ...] [--dry-run]
     aicortex serve ...                         the OpenAI-compatible proxy (extra "server")
@@ -25,6 +26,7 @@ imported unless a command goes online.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -247,11 +249,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ._events import EventType
     from ._sync import Cortex
 
-    servers = server_list(args.server)
+    options = _cortex_options(args)
+    if args.model:
+        options["model"] = args.model
     printed = ""
-    with Cortex(
-        servers or None, model=args.model, fallback=not servers, http=_one_shot_http()
-    ) as cortex:
+    with Cortex(**options) as cortex:
         stream = cortex.chat(prompt, stream=True, system=args.system)
         with stream:
             if args.verbose:
@@ -290,6 +292,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cortex_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's arguments for an online command: the configuration (``--config``,
+    the ``AICORTEX_*`` variables, the file), with the command's ``--server`` over it. A
+    command that sends a few requests uses httpx's transport unless configured."""
+    from ._settings import load_settings
+
+    resolved = load_settings(getattr(args, "config", None))
+    options = resolved.settings.cortex_arguments()
+    servers = server_list(getattr(args, "server", None))
+    if servers:
+        options.update(servers=servers, fallback=False)
+    if resolved.source("http") == "default":
+        options["http"] = _one_shot_http()
+    return options
+
+
 def _one_shot_http() -> Literal["httpx"] | None:
     """The transport of a command that sends a few requests: httpx's own, unless
     ``AICORTEX_HTTP`` says otherwise. Importing aiohttp would cost a one-shot command
@@ -325,16 +343,13 @@ def cmd_servers(args: argparse.Namespace) -> int:
     import anyio
 
     from ._client import AsyncCortex
-    from ._config import Timeout
 
-    servers = server_list(args.server)
     model: str | None = args.model
+    options = _cortex_options(args)
+    options["timeout"] = dataclasses.replace(options["timeout"], probe=args.timeout)
 
     async def probe() -> tuple[list[ServerInfo], list[str]]:
-        timeout = Timeout(probe=args.timeout)
-        async with AsyncCortex(
-            servers or None, fallback=not servers, timeout=timeout, http=_one_shot_http()
-        ) as cortex:
+        async with AsyncCortex(**options) as cortex:
             if args.verbose:
                 _err(f"{PROG}: HTTP transport: {cortex.transport()} (http={cortex.http})")
             infos = await cortex.probe_servers(model)
@@ -395,14 +410,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     from ._client import AsyncCortex
 
-    servers = server_list(args.server)
+    options = _cortex_options(args)
     targets: list[str] = []
     last: dict[str, PullProgress] = {}
 
     async def run() -> None:
-        async with AsyncCortex(
-            servers or None, fallback=not servers, http=_one_shot_http()
-        ) as cortex:
+        async with AsyncCortex(**options) as cortex:
             pulling = cortex.pull(model)
             targets.extend(pulling.servers)
             with _pull_display(pulling.servers) as show:
@@ -563,6 +576,26 @@ def _size(count: int) -> str:
     return f"{value:.1f} {units[0]}"
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from ._settings import config_path, load_settings
+
+    file, why = config_path(args.config)
+    resolved = load_settings(args.config)
+    rows = list(resolved.rows())
+    if args.json:
+        _print_json(
+            {
+                "file": None if file is None else str(file),
+                "settings": {key: {"value": value, "source": src} for key, value, src in rows},
+            }
+        )
+        return EXIT_OK
+    _out(f"configuration file: {file} (from {why})" if file else "configuration file: none")
+    table = [[key, json.dumps(value), src] for key, value, src in rows]
+    _out(_table(["KEY", "VALUE", "FROM"], table))
+    return EXIT_OK
+
+
 def cmd_refresh(args: argparse.Namespace) -> int:
     import anyio
 
@@ -694,6 +727,15 @@ def _add_server(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="the configuration file (default: $AICORTEX_CONFIG, else ./aicortex.toml, "
+        "else the user's config folder)",
+    )
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; ``argv`` tells whether ``serve`` is wanted (only then is the proxy imported)."""
     parser = _Parser(
@@ -731,6 +773,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         action="store_true",
         help="report the server, failover warnings and token stats on stderr",
     )
+    _add_config(chat)
     chat.set_defaults(run=cmd_chat)
 
     models = sub.add_parser(
@@ -782,6 +825,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     servers.add_argument(
         "-v", "--verbose", action="store_true", help="log warnings; name the HTTP transport"
     )
+    _add_config(servers)
     servers.set_defaults(run=cmd_servers)
 
     pull = sub.add_parser(
@@ -793,7 +837,19 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     pull.add_argument("model", metavar="MODEL")
     _add_server(pull, "pull onto this server (default: $AICORTEX_SERVERS, else $OLLAMA_HOST)")
+    _add_config(pull)
     pull.set_defaults(run=cmd_pull)
+
+    config = sub.add_parser(
+        "config",
+        help="show the resolved configuration and where each value came from",
+        description="Show every setting as aicortex resolves it (arguments, then the "
+        "AICORTEX_* variables, then the configuration file, then the defaults) and where "
+        "each came from; secrets are masked. An invalid file is reported with its key.",
+    )
+    _add_config(config)
+    config.add_argument("--json", action="store_true", help="print JSON")
+    config.set_defaults(run=cmd_config)
 
     refresh = sub.add_parser(
         "refresh",

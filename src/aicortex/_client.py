@@ -315,6 +315,25 @@ class AsyncCortex:
             servers=configured,
         )
 
+    @classmethod
+    def from_config(cls, path: str | PathLike[str] | None = None, **arguments: Any) -> AsyncCortex:
+        """A client configured by the TOML file at ``path`` (else ``AICORTEX_CONFIG``, else
+        ``./aicortex.toml``, else the user's config folder; none is fine) and by the
+        ``AICORTEX_*`` variables, which win over the file. ``arguments`` are this class's
+        own and win over both::
+
+            cortex = AsyncCortex.from_config()  # [[servers]], [routing], [timeouts], ...
+            cortex = AsyncCortex.from_config("fleet.toml", routing="round_robin")
+
+        An invalid file raises :class:`ValidationError` naming the file, the key and
+        what is wrong.
+        """
+        from ._settings import load_settings
+
+        options = load_settings(path).settings.cortex_arguments()
+        options.update(arguments)
+        return cls(**options)
+
     # -- lifecycle -----------------------------------------------------------
 
     async def __aenter__(self) -> AsyncCortex:

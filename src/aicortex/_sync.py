@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
+from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -130,6 +131,17 @@ class Cortex:
         self._lock = threading.Lock()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._loop: _PortalThread | None = _PortalThread(backend)
+
+    @classmethod
+    def from_config(cls, path: str | PathLike[str] | None = None, **arguments: Any) -> Cortex:
+        """The blocking twin of :meth:`AsyncCortex.from_config`: configured by the TOML
+        file, then the ``AICORTEX_*`` variables, then ``arguments`` (this class's own,
+        ``backend=`` included)."""
+        from ._settings import load_settings
+
+        options = load_settings(path).settings.cortex_arguments()
+        options.update(arguments)
+        return cls(**options)
 
     # -- plumbing ------------------------------------------------------------
 

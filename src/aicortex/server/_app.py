@@ -285,6 +285,7 @@ def create_app(
     max_connections: int | None = None,
     routing: Strategy | None = None,
     allow_management: bool = False,
+    health_ttl: float | None = None,
 ) -> Starlette:
     """An ASGI app that serves OpenAI's API and Ollama's in front of one or many servers.
 
@@ -306,8 +307,9 @@ def create_app(
     ``api_keys`` (else the lines of ``api_key_file``, else ``AICORTEX_API_KEYS``,
     comma-separated): when any key is set, every route but ``/health`` needs
     ``Authorization: Bearer <key>``. ``max_body_size``: larger bodies get 413.
-    ``routing``, ``http`` and ``max_connections`` go to the ``AsyncCortex`` the app
-    creates. ``allow_management``: serve Ollama's ``pull`` and ``delete`` (see above).
+    ``routing``, ``http``, ``max_connections`` and ``health_ttl`` go to the
+    ``AsyncCortex`` the app creates. ``allow_management``: serve Ollama's ``pull`` and
+    ``delete`` (see above).
 
     Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
     created when the server shuts down (ASGI lifespan). Mounted in another app, it
@@ -329,13 +331,13 @@ def create_app(
             f"max_body_size must be a positive number of bytes, not {max_body_size!r}."
         )
     keys = KeyChecker(load_keys(api_keys, api_key_file))
-    own = (servers, timeout, http, max_connections, routing)
+    own = (servers, timeout, http, max_connections, routing, health_ttl)
     if cortex is not None and any(option is not None for option in own):
         raise ValueError(
-            "Pass servers=, timeout=, http=, max_connections= and routing= to the "
-            "AsyncCortex, not to create_app()."
+            "Pass servers=, timeout=, http=, max_connections=, routing= and health_ttl= "
+            "to the AsyncCortex, not to create_app()."
         )
-    handle = CortexHandle(cortex, servers, timeout, http, max_connections, routing)
+    handle = CortexHandle(cortex, servers, timeout, http, max_connections, routing, health_ttl)
     started = int(time.time())
     models = _Models(handle, max_body_size, started)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .._client import AsyncCortex
-from .._config import Timeout
+from .._config import DEFAULT_HEALTH_TTL, Timeout
 from .._pools import HttpChoice, connection_limits, http_choice
 from .._routing import Server, Strategy, routing_choice
 
@@ -28,10 +28,12 @@ class CortexHandle:
         http: HttpChoice | None = None,
         max_connections: int | None = None,
         routing: Strategy | None = None,
+        health_ttl: float | None = None,
     ) -> None:
         self._cortex = cortex
         self._servers = servers
         self._timeout = timeout
+        self._health_ttl = health_ttl
         # Checked now, so that a bad setting fails at start rather than on a first request.
         self._routing: Strategy = routing_choice(routing)
         self._http: HttpChoice = http_choice(http)
@@ -49,6 +51,7 @@ class CortexHandle:
                 self._servers,
                 fallback=not self._servers,
                 timeout=self._timeout,
+                health_ttl=DEFAULT_HEALTH_TTL if self._health_ttl is None else self._health_ttl,
                 routing=self._routing,
                 http=self._http,
                 limits=self._limits,

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .._config import Timeout
     from .._pools import HttpChoice
-    from .._routing import Server, Strategy
+from .._routing import Server, Strategy
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
 
@@ -34,12 +35,15 @@ def serve(
     max_connections: int | None = None,
     routing: Strategy | None = None,
     allow_management: bool = False,
+    timeout: Timeout | None = None,
+    health_ttl: float | None = None,
 ) -> None:
     """Serve the proxy (OpenAI's API and Ollama's) with uvicorn until interrupted (Ctrl-C).
 
     Binds to 127.0.0.1 unless told otherwise: put the proxy on a public address only
     with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``
-    and ``max_connections`` are :class:`~aicortex.AsyncCortex`'s; ``allow_management``
+    ``max_connections``, ``timeout`` and ``health_ttl`` are :class:`~aicortex.AsyncCortex`'s;
+    ``allow_management``
     lets Ollama clients pull models onto (and delete them from) every server.
     """
     try:
@@ -58,6 +62,8 @@ def serve(
         max_connections=max_connections,
         routing=routing,
         allow_management=allow_management,
+        timeout=timeout,
+        health_ttl=health_ttl,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
 
@@ -65,13 +71,16 @@ def serve(
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``aicortex serve`` to ``parser``."""
     parser.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"address to listen on (default: {DEFAULT_HOST}; use keys before going public)",
+        "--config",
+        metavar="PATH",
+        help="the configuration file (default: $AICORTEX_CONFIG, else ./aicortex.toml, "
+        "else the user's config folder); flags win over it, and AICORTEX_* variables too",
     )
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})"
+        "--host",
+        help=f"address to listen on (default: {DEFAULT_HOST}; use keys before going public)",
     )
+    parser.add_argument("--port", type=int, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument(
         "--server",
         dest="servers",
@@ -111,6 +120,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="most requests in flight to each server; more wait for a free connection "
         "(default: 1000)",
     )
+    for name, what, default in (
+        ("connect", "opening a connection to a server", "5"),
+        ("first-token", "the first chunk of an answer, failover before it", "120"),
+        ("idle", "the longest gap between two chunks", "60"),
+        ("total", "a whole request, failover included", "none"),
+    ):
+        parser.add_argument(
+            f"--{name}-timeout",
+            type=float,
+            metavar="SECONDS",
+            help=f"limit on {what} (default: {default}; 0: none)",
+        )
+    parser.add_argument(
+        "--health-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long a probe's result is trusted (default: 60)",
+    )
     parser.add_argument(
         "--allow-management",
         action="store_true",
@@ -125,25 +152,61 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The options whose names are not their settings' last part.
+_FLAGS = {
+    "servers": "--server",
+    "proxy.api_keys_file": "--api-key-file",
+    "routing.strategy": "--routing",
+    "timeouts.connect": "--connect-timeout",
+    "timeouts.first_token": "--first-token-timeout",
+    "timeouts.idle": "--idle-timeout",
+    "timeouts.total": "--total-timeout",
+}
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``aicortex serve`` with the parsed ``args``; returns the exit status."""
     from .._config import split_servers
     from .._exceptions import ValidationError
+    from .._settings import load_settings
 
     # Each --server may hold several comma-separated URLs, as AICORTEX_SERVERS does.
     servers = [url for value in args.servers or () for url in split_servers(value)]
+    flags: dict[str, object] = {
+        "servers": servers or None,
+        "proxy.host": args.host,
+        "proxy.port": args.port,
+        "proxy.api_keys_file": args.api_key_file,
+        "proxy.max_body_size": getattr(args, "max_body_size", None),
+        "proxy.allow_management": True if getattr(args, "allow_management", False) else None,
+        "http": getattr(args, "http", None),
+        "max_connections": getattr(args, "max_connections", None),
+        "routing.strategy": getattr(args, "routing", None),
+        "routing.health_ttl": getattr(args, "health_ttl", None),
+    }
+    for name in ("connect", "first_token", "idle", "total"):
+        flags[f"timeouts.{name}"] = getattr(args, f"{name}_timeout", None)
     try:
+        labels = {
+            key: _FLAGS.get(key, "--" + key.rpartition(".")[2].replace("_", "-")) for key in flags
+        }
+        settings = load_settings(
+            getattr(args, "config", None), overrides=flags, labels=labels
+        ).settings
+        proxy = settings.proxy
         serve(
-            host=args.host,
-            port=args.port,
-            servers=servers,
-            api_key_file=args.api_key_file,
-            max_body_size=getattr(args, "max_body_size", None),
+            host=proxy.host,
+            port=proxy.port,
+            servers=[entry.server() for entry in settings.servers] or None,
+            api_key_file=proxy.api_keys_file,
+            max_body_size=proxy.max_body_size,
             log_level=getattr(args, "log_level", "info"),
-            http=getattr(args, "http", None),
-            max_connections=getattr(args, "max_connections", None),
-            routing=getattr(args, "routing", None),
-            allow_management=getattr(args, "allow_management", False),
+            http=settings.http,
+            max_connections=settings.max_connections,
+            routing=settings.routing.strategy,
+            allow_management=proxy.allow_management,
+            timeout=settings.timeouts.timeout(),
+            health_ttl=settings.routing.health_ttl,
         )
     except (ValidationError, ValueError) as exc:
         print(f"aicortex serve: {exc}", file=sys.stderr)
