@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -226,3 +227,75 @@ def test_serve_refuses_an_invalid_configuration_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{config}: routing.strategy: Input should be" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX's")
+def test_sighup_reloads_servers_and_keys_without_cutting_a_stream(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory, tmp_path: Path
+) -> None:
+    """A stream running on the old server completes; the next request uses the new
+    server and the new keys."""
+    old = fake_ollama(chat=reply([f"t{i} " for i in range(8)], delay=0.15))
+    new = fake_ollama(chat=reply(["from", " new"]))
+    keys = tmp_path / "keys"
+    keys.write_text("old-key\n")
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'servers = ["{old.url}"]\n[proxy]\napi_keys_file = "{keys}"\n')
+    proxy = run_proxy("--config", str(config))
+    proxy.wait_until_up()
+    body = {**HI, "stream": True}
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": "Bearer old-key"},
+        timeout=10,
+    ) as streamed:
+        lines = streamed.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        config.write_text(f'servers = ["{new.url}"]\n[proxy]\napi_keys_file = "{keys}"\n')
+        keys.write_text("new-key\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        rest = [first, *lines]
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in rest
+        if line.startswith("data: {") and json.loads(line[6:])["choices"]
+    )
+    assert text == "".join(f"t{i} " for i in range(8))
+    assert [line for line in rest if line][-1] == "data: [DONE]"
+    refused = httpx.post(
+        proxy.url + "/v1/chat/completions", json=HI, headers={"Authorization": "Bearer old-key"}
+    )
+    assert refused.status_code == 401
+    answer = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        json=HI,
+        headers={"Authorization": "Bearer new-key"},
+        timeout=10,
+    )
+    assert answer.json()["choices"][0]["message"]["content"] == "from new"
+    assert old.count("/api/chat") == 1
+    code, err = proxy.stop()
+    assert code == 0, err
+    assert "reloaded the configuration: 1 server, 1 API key" in err
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP is POSIX's")
+def test_a_reload_of_an_invalid_file_keeps_the_running_configuration(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory, tmp_path: Path
+) -> None:
+    server = fake_ollama(chat=reply(["still", " here"]))
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'servers = ["{server.url}"]\n')
+    proxy = run_proxy("--config", str(config))
+    proxy.wait_until_up()
+    config.write_text("[routing]\nstrategy = 'fastest'\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    answer = httpx.post(proxy.url + "/v1/chat/completions", json=HI, timeout=10)
+    assert answer.json()["choices"][0]["message"]["content"] == "still here"
+    code, err = proxy.stop()
+    assert code == 0, err
+    assert "the configuration was not reloaded (the running one is kept)" in err
+    assert "routing.strategy" in err

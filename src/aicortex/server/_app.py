@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -344,7 +345,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncGenerator[None]:
         try:
-            yield
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_sweep, handle)
+                yield
+                tg.cancel_scope.cancel()
         finally:
             await handle.aclose()
 
@@ -367,4 +371,16 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.aicortex = handle
+    app.state.aicortex_keys = keys
     return app
+
+
+_SWEEP_EVERY = 1.0  # seconds between checks for replaced cortexes to close
+
+
+async def _sweep(handle: CortexHandle) -> None:
+    """Close the cortexes that a reconfiguration replaced, once their requests end."""
+    while True:
+        await anyio.sleep(_SWEEP_EVERY)
+        if handle.retiring:
+            await handle.sweep()

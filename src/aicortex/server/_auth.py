@@ -71,6 +71,10 @@ class KeyChecker:
     def __init__(self, keys: Iterable[str]) -> None:
         self._keys = [k.encode() for k in keys]
 
+    def replace(self, keys: Iterable[str]) -> None:
+        """Check against ``keys`` from now on (a reload of the key file)."""
+        self._keys = [k.encode() for k in keys]
+
     @property
     def enabled(self) -> bool:
         """Whether any key is required."""

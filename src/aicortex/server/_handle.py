@@ -39,6 +39,8 @@ class CortexHandle:
         self._http: HttpChoice = http_choice(http)
         self._limits = connection_limits(None, max_connections)
         self.owned = cortex is None
+        # Cortexes replaced by reconfigure(): closed once their requests have ended.
+        self._retired: list[AsyncCortex] = []
 
     @property
     def cortex(self) -> AsyncCortex:
@@ -63,8 +65,48 @@ class CortexHandle:
         """Whether a cortex exists (passed in, or created by a first request)."""
         return self._cortex is not None
 
+    def reconfigure(
+        self,
+        servers: Sequence[str | Server] | str | None = None,
+        timeout: Timeout | None = None,
+        http: HttpChoice | None = None,
+        max_connections: int | None = None,
+        routing: Strategy | None = None,
+        health_ttl: float | None = None,
+    ) -> None:
+        """New settings for the requests that start from now on. Requests already
+        running finish on the cortex they started on, which :meth:`sweep` closes once
+        none is left. Raises (and changes nothing) when a setting is invalid, or when
+        the cortex was passed in (the app does not own it)."""
+        if not self.owned:
+            raise RuntimeError("This app was given its AsyncCortex; reconfigure that instead.")
+        routing_checked = routing_choice(routing)
+        http_checked = http_choice(http)
+        limits = connection_limits(None, max_connections)
+        self._servers, self._timeout, self._health_ttl = servers, timeout, health_ttl
+        self._routing, self._http, self._limits = routing_checked, http_checked, limits
+        old, self._cortex = self._cortex, None
+        if old is not None:
+            self._retired.append(old)
+
+    @property
+    def retiring(self) -> int:
+        """How many replaced cortexes still have requests running."""
+        return len(self._retired)
+
+    async def sweep(self) -> None:
+        """Close every replaced cortex that has no request in flight any more."""
+        for cortex in list(self._retired):
+            if not any(state.in_flight for state in cortex.server_states()):
+                self._retired.remove(cortex)
+                await cortex.aclose()
+
     async def aclose(self) -> None:
-        """Close the cortex if the app created it; a later request creates a new one."""
+        """Close the cortex if the app created it (and any it replaced); a later request
+        creates a new one."""
+        retired, self._retired = self._retired, []
+        for old in retired:
+            await old.aclose()
         if self.owned and self._cortex is not None:
             cortex, self._cortex = self._cortex, None
             await cortex.aclose()

@@ -7,14 +7,19 @@ for every command, and only ``serve`` needs Starlette and uvicorn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import ValidationError
 
 if TYPE_CHECKING:
     from .._config import Timeout
     from .._pools import HttpChoice
+    from .._settings import Settings
 from .._routing import Server, Strategy
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
@@ -41,10 +46,10 @@ def serve(
     """Serve the proxy (OpenAI's API and Ollama's) with uvicorn until interrupted (Ctrl-C).
 
     Binds to 127.0.0.1 unless told otherwise: put the proxy on a public address only
-    with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``
+    with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``,
     ``max_connections``, ``timeout`` and ``health_ttl`` are :class:`~aicortex.AsyncCortex`'s;
-    ``allow_management``
-    lets Ollama clients pull models onto (and delete them from) every server.
+    ``allow_management`` lets Ollama clients pull models onto (and delete them from)
+    every server.
     """
     try:
         import uvicorn
@@ -66,6 +71,91 @@ def serve(
         health_ttl=health_ttl,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
+
+
+def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
+    """Serve what ``load()`` configures; on SIGHUP, ``load()`` again and use its servers,
+    client settings and API keys for the requests that start from then on (running
+    ones finish where they are)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit(
+            "aicortex serve needs the server extra: pip install 'aicortex-core[server]'"
+        ) from None
+    from ._app import create_app
+    from ._auth import load_keys
+
+    settings = load()
+    proxy = settings.proxy
+    options = _client_options(settings)
+    app = create_app(
+        api_key_file=proxy.api_keys_file,
+        max_body_size=proxy.max_body_size,
+        allow_management=proxy.allow_management,
+        **options,
+    )
+
+    def reload() -> None:
+        try:
+            fresh = load()
+            keys = load_keys(None, fresh.proxy.api_keys_file)
+            app.state.aicortex.reconfigure(**_client_options(fresh))
+        except (ValidationError, ValueError) as exc:
+            _say(f"the configuration was not reloaded (the running one is kept): {exc}")
+            return
+        app.state.aicortex_keys.replace(keys)
+        kept = [
+            name
+            for name in ("host", "port", "max_body_size", "allow_management")
+            if getattr(fresh.proxy, name) != getattr(proxy, name)
+        ]
+        count = len(fresh.servers)
+        _say(
+            f"reloaded the configuration: {count} server{'s' if count != 1 else ''}, "
+            f"{len(keys)} API key{'s' if len(keys) != 1 else ''}"
+            + (f"; restart to change proxy.{', proxy.'.join(kept)}" if kept else "")
+        )
+
+    uvicorn.run(
+        _ReloadOnHangup(app, reload),
+        host=proxy.host,
+        port=proxy.port,
+        log_level=log_level,
+        lifespan="on",
+    )
+
+
+def _client_options(settings: Settings) -> dict[str, Any]:
+    """``create_app()``'s (and ``reconfigure()``'s) arguments for the client."""
+    return {
+        "servers": [entry.server() for entry in settings.servers] or None,
+        "timeout": settings.timeouts.timeout(),
+        "http": settings.http,
+        "max_connections": settings.max_connections,
+        "routing": settings.routing.strategy,
+        "health_ttl": settings.routing.health_ttl,
+    }
+
+
+def _say(message: str) -> None:
+    print(f"aicortex serve: {message}", file=sys.stderr, flush=True)
+
+
+class _ReloadOnHangup:
+    """The app, with ``reload`` run on SIGHUP from the server's start (POSIX only)."""
+
+    def __init__(self, app: Any, reload: Callable[[], None]) -> None:
+        self.app = app
+        self.reload = reload
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" and hasattr(signal, "SIGHUP"):
+            import asyncio
+
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        await self.app(scope, receive, send)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,7 +257,6 @@ _FLAGS = {
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``aicortex serve`` with the parsed ``args``; returns the exit status."""
     from .._config import split_servers
-    from .._exceptions import ValidationError
     from .._settings import load_settings
 
     # Each --server may hold several comma-separated URLs, as AICORTEX_SERVERS does.
@@ -190,23 +279,10 @@ def run_serve(args: argparse.Namespace) -> int:
         labels = {
             key: _FLAGS.get(key, "--" + key.rpartition(".")[2].replace("_", "-")) for key in flags
         }
-        settings = load_settings(
-            getattr(args, "config", None), overrides=flags, labels=labels
-        ).settings
-        proxy = settings.proxy
-        serve(
-            host=proxy.host,
-            port=proxy.port,
-            servers=[entry.server() for entry in settings.servers] or None,
-            api_key_file=proxy.api_keys_file,
-            max_body_size=proxy.max_body_size,
-            log_level=getattr(args, "log_level", "info"),
-            http=settings.http,
-            max_connections=settings.max_connections,
-            routing=settings.routing.strategy,
-            allow_management=proxy.allow_management,
-            timeout=settings.timeouts.timeout(),
-            health_ttl=settings.routing.health_ttl,
+        path = getattr(args, "config", None)
+        _serve_settings(
+            lambda: load_settings(path, overrides=flags, labels=labels).settings,
+            getattr(args, "log_level", "info"),
         )
     except (ValidationError, ValueError) as exc:
         print(f"aicortex serve: {exc}", file=sys.stderr)
