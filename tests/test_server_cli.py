@@ -299,3 +299,84 @@ def test_a_reload_of_an_invalid_file_keeps_the_running_configuration(
     assert code == 0, err
     assert "the configuration was not reloaded (the running one is kept)" in err
     assert "routing.strategy" in err
+
+
+def _stream_lines(proxy: Proxy, path: str, body: dict[str, object]) -> list[str]:
+    """The body lines of a streamed request; SIGTERM is sent once the first line is in."""
+    with httpx.stream("POST", proxy.url + path, json=body, timeout=20) as streamed:
+        lines = streamed.iter_lines()
+        first = next(line for line in lines if line)
+        proxy.process.send_signal(signal.SIGTERM)
+        return [first, *(line for line in lines if line)]
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory
+) -> None:
+    server = fake_ollama(chat=reply([f"w{i} " for i in range(6)], delay=0.2))
+    proxy = run_proxy("--server", server.url, "--grace", "10")
+    proxy.wait_until_up()
+    started = time.monotonic()
+    lines = _stream_lines(proxy, "/api/chat", {"model": "llama3.2:3b", "messages": HI["messages"]})
+    chunks = [json.loads(line) for line in lines]
+    assert "".join(c["message"]["content"] for c in chunks) == "".join(f"w{i} " for i in range(6))
+    assert chunks[-1]["done"] is True
+    code, err = proxy.stop()
+    assert code == 0, err
+    assert time.monotonic() - started < 8
+
+
+def test_past_the_grace_period_a_stream_ends_with_an_error_frame(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory
+) -> None:
+    server = fake_ollama(chat=reply([f"w{i} " for i in range(40)], delay=0.2))
+    proxy = run_proxy("--server", server.url, "--grace", "1")
+    proxy.wait_until_up()
+    started = time.monotonic()
+    lines = _stream_lines(proxy, "/v1/chat/completions", {**HI, "stream": True})
+    assert lines[-1].startswith("data: {")
+    error = json.loads(lines[-1][len("data: ") :])["error"]
+    assert error["code"] == "shutting_down"
+    assert "[DONE]" not in "".join(lines)
+    code, err = proxy.stop()
+    assert code == 0, err
+    assert time.monotonic() - started < 6
+    assert server.wait_for_disconnect(5)  # the upstream request was closed too
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="counts processes in /proc")
+def test_workers_serve_side_by_side_and_stop_cleanly(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory, tmp_path: Path
+) -> None:
+    server = fake_ollama(chat=reply(["from", " a worker"]))
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'servers = ["{server.url}"]\n[proxy]\nworkers = 2\n')
+    proxy = run_proxy("--config", str(config))
+    proxy.wait_until_up()
+    deadline = time.monotonic() + 20
+    while len(_children(proxy.process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = _children(proxy.process.pid)
+    assert len(workers) >= 2
+    for _ in range(6):
+        answer = httpx.post(proxy.url + "/api/chat", json={**HI, "stream": False}, timeout=10)
+        assert answer.json()["message"]["content"] == "from a worker"
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(20) == 0
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)

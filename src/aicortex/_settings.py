@@ -112,6 +112,8 @@ class ProxySettings(_Section):
     api_keys_file: str | None = None
     max_body_size: int = Field(default=10 * 1024 * 1024, ge=1)
     allow_management: bool = False
+    workers: int = Field(default=1, ge=1)
+    grace: float = Field(default=30.0, ge=0)
 
 
 class Settings(_Section):
@@ -168,6 +170,8 @@ ENVIRONMENT: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("proxy.port", "AICORTEX_PORT", str.strip),
     ("proxy.api_keys_file", "AICORTEX_API_KEYS_FILE", str.strip),
     ("proxy.max_body_size", "AICORTEX_MAX_BODY_SIZE", str.strip),
+    ("proxy.workers", "AICORTEX_WORKERS", str.strip),
+    ("proxy.grace", "AICORTEX_GRACE", str.strip),
 )
 
 

@@ -26,6 +26,7 @@ from .._pools import HttpChoice
 from .._protocol import embed_inputs, model_key
 from .._routing import Server, Strategy
 from ._auth import KeyChecker, load_keys
+from ._drain import Drain, Draining
 from ._errors import ProxyError, invalid, missing
 from ._gateway import (
     ClientGone,
@@ -287,6 +288,7 @@ def create_app(
     routing: Strategy | None = None,
     allow_management: bool = False,
     health_ttl: float | None = None,
+    shutdown_grace: float | None = None,
 ) -> Starlette:
     """An ASGI app that serves OpenAI's API and Ollama's in front of one or many servers.
 
@@ -310,7 +312,10 @@ def create_app(
     ``Authorization: Bearer <key>``. ``max_body_size``: larger bodies get 413.
     ``routing``, ``http``, ``max_connections`` and ``health_ttl`` go to the
     ``AsyncCortex`` the app creates. ``allow_management``: serve Ollama's ``pull`` and
-    ``delete`` (see above).
+    ``delete`` (see above). ``shutdown_grace``: on SIGTERM or SIGINT (once the app has
+    started, under uvicorn), answers running may take this many more seconds; the ones
+    still running then end with an error frame (a 503 if nothing was sent yet). Leave it
+    None when the host application handles shutdown itself.
 
     Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
     created when the server shuts down (ASGI lifespan). Mounted in another app, it
@@ -339,6 +344,14 @@ def create_app(
             "to the AsyncCortex, not to create_app()."
         )
     handle = CortexHandle(cortex, servers, timeout, http, max_connections, routing, health_ttl)
+    grace = cast(object, shutdown_grace)
+    if grace is not None and (
+        isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0
+    ):
+        raise ValueError(
+            f"shutdown_grace must be a number of seconds >= 0, not {shutdown_grace!r}."
+        )
+    drain = Drain(shutdown_grace)
     started = int(time.time())
     models = _Models(handle, max_body_size, started)
 
@@ -366,12 +379,13 @@ def create_app(
             Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
             *native_routes(handle, max_body_size, started, allow_management=allow_management),
         ],
-        middleware=[Middleware(Gateway, keys=keys)],
+        middleware=[Middleware(Gateway, keys=keys), Middleware(Draining, drain=drain)],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.state.aicortex = handle
     app.state.aicortex_keys = keys
+    app.state.aicortex_drain = drain
     return app
 
 

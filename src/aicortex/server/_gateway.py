@@ -25,6 +25,7 @@ __all__ = [
     "is_native",
     "read_body",
     "request_id",
+    "route_path",
     "send_error",
     "send_json",
 ]
@@ -77,7 +78,7 @@ def is_native(path: str) -> bool:
     return path == "/" or path.startswith("/api/")
 
 
-def _route_path(scope: dict[str, Any]) -> str:
+def route_path(scope: dict[str, Any]) -> str:
     """The path inside this app, whether it is mounted under a prefix or not."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
@@ -119,7 +120,7 @@ class Gateway:
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
-        path = _route_path(scope)
+        path = route_path(scope)
         try:
             if self.keys.enabled and path != "/health":
                 self.keys.check(_header(scope, b"authorization"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -83,18 +84,30 @@ def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
         raise SystemExit(
             "aicortex serve needs the server extra: pip install 'aicortex-core[server]'"
         ) from None
-    from ._app import create_app
     from ._auth import load_keys
 
     settings = load()
     proxy = settings.proxy
-    options = _client_options(settings)
-    app = create_app(
-        api_key_file=proxy.api_keys_file,
-        max_body_size=proxy.max_body_size,
-        allow_management=proxy.allow_management,
-        **options,
-    )
+    # uvicorn raises the signal that stopped it again once it has stopped: a SIGTERM
+    # then ends the command as a normal stop, not as a process killed by it.
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, _stopped)
+    # uvicorn's own limit comes after ours, so that the answers still running at the
+    # end of the grace period get their error frame before uvicorn cancels them.
+    graceful = math.ceil(proxy.grace + _FRAME_TIME)
+    if proxy.workers > 1:
+        uvicorn.run(
+            "aicortex.server._run:worker_app",
+            factory=True,
+            workers=proxy.workers,
+            host=proxy.host,
+            port=proxy.port,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=graceful,
+        )
+        return
+    app = _make_app(settings)
 
     def reload() -> None:
         try:
@@ -123,7 +136,47 @@ def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
         port=proxy.port,
         log_level=log_level,
         lifespan="on",
+        timeout_graceful_shutdown=graceful,
     )
+
+
+_FRAME_TIME = 5.0  # seconds, past the grace period, to write the last error frames
+WORKER_SETTINGS = "AICORTEX_SERVE_SETTINGS"  # how `serve --workers` tells its workers
+
+
+def _make_app(settings: Settings) -> Any:
+    from ._app import create_app
+
+    proxy = settings.proxy
+    return create_app(
+        api_key_file=proxy.api_keys_file,
+        max_body_size=proxy.max_body_size,
+        allow_management=proxy.allow_management,
+        shutdown_grace=proxy.grace,
+        **_client_options(settings),
+    )
+
+
+def worker_app() -> Any:
+    """The app of one worker of ``aicortex serve --workers N`` (a uvicorn factory): the
+    configuration as the command resolved it, read again, so that the restart of the
+    workers that SIGHUP makes picks up a changed file."""
+    import json
+
+    from .._settings import load_settings
+
+    told = json.loads(os.environ[WORKER_SETTINGS])
+    return _make_app(
+        load_settings(told["config"], overrides=told["flags"], labels=told["labels"]).settings
+    )
+
+
+class Stopped(Exception):
+    """The server stopped on SIGTERM, as asked."""
+
+
+def _stopped(sig: int, frame: Any) -> None:
+    raise Stopped
 
 
 def _client_options(settings: Settings) -> dict[str, Any]:
@@ -229,6 +282,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a probe's result is trusted (default: 60)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the port (default: 1); on SIGHUP they are "
+        "replaced one by one, reading the configuration again",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, how long running answers may take to finish; the "
+        "rest end with an error (default: 30)",
+    )
+    parser.add_argument(
         "--allow-management",
         action="store_true",
         help="let Ollama clients pull models onto every server (POST /api/pull) and delete "
@@ -256,6 +323,8 @@ _FLAGS = {
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run ``aicortex serve`` with the parsed ``args``; returns the exit status."""
+    import json
+
     from .._config import split_servers
     from .._settings import load_settings
 
@@ -268,6 +337,8 @@ def run_serve(args: argparse.Namespace) -> int:
         "proxy.api_keys_file": args.api_key_file,
         "proxy.max_body_size": getattr(args, "max_body_size", None),
         "proxy.allow_management": True if getattr(args, "allow_management", False) else None,
+        "proxy.workers": getattr(args, "workers", None),
+        "proxy.grace": getattr(args, "grace", None),
         "http": getattr(args, "http", None),
         "max_connections": getattr(args, "max_connections", None),
         "routing.strategy": getattr(args, "routing", None),
@@ -280,6 +351,8 @@ def run_serve(args: argparse.Namespace) -> int:
             key: _FLAGS.get(key, "--" + key.rpartition(".")[2].replace("_", "-")) for key in flags
         }
         path = getattr(args, "config", None)
+        # Workers are new processes: they get what to read as the environment.
+        os.environ[WORKER_SETTINGS] = json.dumps({"config": path, "flags": flags, "labels": labels})
         _serve_settings(
             lambda: load_settings(path, overrides=flags, labels=labels).settings,
             getattr(args, "log_level", "info"),
@@ -289,4 +362,6 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Stopped:
+        return 0
     return 0
