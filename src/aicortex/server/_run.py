@@ -268,6 +268,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         ("first-token", "the first chunk of an answer, failover before it", "120"),
         ("idle", "the longest gap between two chunks", "60"),
         ("total", "a whole request, failover included", "none"),
+        ("probe", "one health probe of a server", "2"),
     ):
         parser.add_argument(
             f"--{name}-timeout",
@@ -318,6 +319,7 @@ _FLAGS = {
     "timeouts.first_token": "--first-token-timeout",
     "timeouts.idle": "--idle-timeout",
     "timeouts.total": "--total-timeout",
+    "timeouts.probe": "--probe-timeout",
 }
 
 
@@ -344,7 +346,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "routing.strategy": getattr(args, "routing", None),
         "routing.health_ttl": getattr(args, "health_ttl", None),
     }
-    for name in ("connect", "first_token", "idle", "total"):
+    for name in ("connect", "first_token", "idle", "total", "probe"):
         flags[f"timeouts.{name}"] = getattr(args, f"{name}_timeout", None)
     try:
         labels = {
