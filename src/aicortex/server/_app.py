@@ -25,6 +25,7 @@ from .._pools import HttpChoice
 from .._protocol import embed_inputs, model_key
 from .._routing import Server, Strategy
 from ._auth import KeyChecker, load_keys
+from ._browser import HostPolicy, OriginPolicy, load_hosts, load_origins
 from ._errors import ProxyError, invalid, missing
 from ._gateway import (
     ClientGone,
@@ -285,6 +286,8 @@ def create_app(
     max_connections: int | None = None,
     routing: Strategy | None = None,
     allow_management: bool = False,
+    allowed_origins: Iterable[str] | None = None,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> Starlette:
     """An ASGI app that serves OpenAI's API and Ollama's in front of one or many servers.
 
@@ -309,6 +312,18 @@ def create_app(
     ``routing``, ``http`` and ``max_connections`` go to the ``AsyncCortex`` the app
     creates. ``allow_management``: serve Ollama's ``pull`` and ``delete`` (see above).
 
+    Web pages: a request with an ``Origin`` header is served only from an allowed
+    origin, else refused with 403. Allowed are localhost pages (``http(s)://localhost``,
+    ``127.0.0.1``, ``0.0.0.0`` and ``[::1]``, on any port), the webviews of desktop
+    apps (``app://``, ``file://``, ``tauri://``, ``vscode-webview://``,
+    ``vscode-file://``), and ``allowed_origins`` (else ``AICORTEX_ALLOWED_ORIGINS``,
+    comma-separated): exact origins, patterns with ``*`` (``https://*.example.com``),
+    ``null``, or ``*`` for every origin. Allowed origins get CORS headers and their
+    preflights are answered (no key needed). On a connection that arrived on a loopback
+    address the ``Host`` header must name a loopback host, or one of ``allowed_hosts``
+    (else ``AICORTEX_ALLOWED_HOSTS``; ``*`` turns the check off): a page that has its
+    own domain name resolve to 127.0.0.1 (DNS rebinding) is refused with 403.
+
     Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
     created when the server shuts down (ASGI lifespan). Mounted in another app, it
     gets no lifespan events of its own: run its lifespan from the host's, or close
@@ -329,6 +344,8 @@ def create_app(
             f"max_body_size must be a positive number of bytes, not {max_body_size!r}."
         )
     keys = KeyChecker(load_keys(api_keys, api_key_file))
+    origins = OriginPolicy(load_origins(allowed_origins))
+    hosts = HostPolicy(load_hosts(allowed_hosts))
     own = (servers, timeout, http, max_connections, routing)
     if cortex is not None and any(option is not None for option in own):
         raise ValueError(
@@ -360,7 +377,7 @@ def create_app(
             Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
             *native_routes(handle, max_body_size, started, allow_management=allow_management),
         ],
-        middleware=[Middleware(Gateway, keys=keys)],
+        middleware=[Middleware(Gateway, keys=keys, origins=origins, hosts=hosts)],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )

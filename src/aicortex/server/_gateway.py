@@ -1,4 +1,5 @@
-"""The ASGI edge of every request: request ids, API keys, the body, and error answers.
+"""The ASGI edge of every request: request ids, the browser checks (see ``_browser``),
+API keys, the body, and error answers.
 
 Pure ASGI (no Starlette request objects), because it runs for every request.
 """
@@ -13,6 +14,14 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ._auth import KeyChecker
+from ._browser import (
+    HostPolicy,
+    OriginPolicy,
+    cors_headers,
+    host_refused,
+    origin_refused,
+    preflight_headers,
+)
 from ._errors import ProxyError, from_exception, native_error
 
 __all__ = [
@@ -94,33 +103,80 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
 
 
 class Gateway:
-    """Pure ASGI middleware: request id, API keys, and OpenAI-shaped errors for anything
-    that escapes a route (never a traceback)."""
+    """Pure ASGI middleware: request id, the browser checks (``Host`` on a loopback
+    listener, ``Origin``, CORS and preflights), API keys, and errors in the route's
+    shape for anything that escapes a route (never a traceback).
 
-    def __init__(self, app: Any, keys: KeyChecker) -> None:
+    A request without an ``Origin`` header costs one look at each header."""
+
+    def __init__(
+        self,
+        app: Any,
+        keys: KeyChecker,
+        origins: OriginPolicy | None = None,
+        hosts: HostPolicy | None = None,
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.origins = origins or OriginPolicy()
+        self.hosts = hosts or HostPolicy()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = _header(scope, b"x-request-id")
+        check_host = self.hosts.guards(scope.get("server"))
+        incoming: bytes | None = None
+        origin: bytes | None = None
+        refused_origin: bytes | None = None
+        refused_host: bytes | None = None
+        for key, value in scope["headers"]:
+            if key == b"host":
+                if check_host and refused_host is None and not self.hosts.allows(value):
+                    refused_host = value
+            elif key == b"origin":
+                if not self.origins.allows(value.decode("latin-1")):
+                    refused_origin = refused_origin or value
+                elif origin is None:
+                    origin = value
+            elif key == b"x-request-id" and incoming is None:
+                incoming = value
         text = incoming.decode("latin-1") if incoming else ""
         request_id = text if _SANE_ID.fullmatch(text) else secrets.token_hex(16)
         scope[REQUEST_ID] = request_id
-        id_header = (b"x-request-id", request_id.encode())
+        if refused_origin is not None:
+            origin = None  # no CORS headers on the refusal
+        added = [(b"x-request-id", request_id.encode())]
+        if origin is not None:
+            added += cors_headers(origin)
         started = False
 
         async def send_with_id(message: dict[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                message = {**message, "headers": [*message.get("headers", ()), *added]}
             await send(message)
 
         path = _route_path(scope)
         try:
+            if refused_host is not None:
+                raise self._refuse(host_refused(refused_host.decode("latin-1")), request_id)
+            if refused_origin is not None:
+                raise self._refuse(origin_refused(refused_origin.decode("latin-1")), request_id)
+            if origin is not None and scope["method"] == "OPTIONS":
+                asked = _header(scope, b"access-control-request-method")
+                if asked is not None:  # a preflight: answered here, with no key needed
+                    private = _header(scope, b"access-control-request-private-network")
+                    headers = preflight_headers(
+                        origin,
+                        _header(scope, b"access-control-request-headers"),
+                        private_network=private is not None and private.lower() == b"true",
+                    )
+                    headers.append(added[0])
+                    await send({"type": "http.response.start", "status": 204, "headers": headers})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
             if self.keys.enabled and path != "/health":
                 self.keys.check(_header(scope, b"authorization"))
             await self.app(scope, receive, send_with_id)
@@ -136,6 +192,11 @@ class Gateway:
                     logger.warning("[%s] %s", request_id, exc, extra={"request_id": request_id})
             if not started:
                 await send_error(send_with_id, error, native=native)
+
+    @staticmethod
+    def _refuse(error: ProxyError, request_id: str) -> ProxyError:
+        logger.info("[%s] refused: %s", request_id, error.message, extra={"request_id": request_id})
+        return error
 
 
 def _too_large(limit: int) -> ProxyError:
