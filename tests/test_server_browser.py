@@ -1,8 +1,10 @@
 """The proxy against web pages, served by uvicorn on 127.0.0.1: foreign origins refused,
-allowed ones served with CORS, and DNS rebinding refused by the Host check."""
+allowed ones served with CORS, DNS rebinding refused by the Host check, any content type
+accepted for a JSON body."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -228,6 +230,32 @@ def test_a_request_without_a_host_header_is_served(serve: ServeFactory) -> None:
     answer = raw_exchange(serve(servers=["http://127.0.0.1:9"]), b"GET /health HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b'{"status":"ok"}')
+
+
+# --- content types -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_curl_style_form_content_type_with_a_json_body_is_served(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory, path: str
+) -> None:
+    """``curl -d '{...}'`` says application/x-www-form-urlencoded; the body is JSON."""
+    server = fake_ollama(chat=reply(["from", " curl"]))
+    url = serve(servers=[server.url])
+    body = NATIVE_HI if path == "/api/chat" else HI
+    response = httpx.post(
+        url + path,
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/x-www-form-urlencoded", "user-agent": "curl/8.5"},
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    text = (
+        answer["message"]["content"]
+        if path == "/api/chat"
+        else answer["choices"][0]["message"]["content"]
+    )
+    assert text == "from curl"
 
 
 # --- the new arguments, checked when the app is made ---------------------------------------

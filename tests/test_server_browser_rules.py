@@ -3,8 +3,10 @@ network."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import anyio
 import pytest
 
 from aicortex.server._browser import (
@@ -20,6 +22,7 @@ from aicortex.server._browser import (
     origin_refused,
     preflight_headers,
 )
+from aicortex.server._gateway import read_body
 
 # --- origins -----------------------------------------------------------------------------
 
@@ -350,3 +353,27 @@ def test_the_host_refusal_names_the_host_and_how_to_allow_it() -> None:
     assert "'attacker.example:8000'" in error.message
     for way in ("allowed_hosts=", "AICORTEX_ALLOWED_HOSTS", "--allowed-host", "localhost"):
         assert way in error.message
+
+
+# --- the body ------------------------------------------------------------------------------
+
+
+def body_parts(*parts: bytes, pause: float = 0.0, stall: bool = False) -> Any:
+    """An ASGI receive that hands out ``parts`` with ``pause`` before each, then (with
+    ``stall``) never finishes."""
+    queue = list(parts)
+
+    async def receive() -> dict[str, Any]:
+        if not queue:
+            await anyio.sleep(math.inf)
+        await anyio.sleep(pause)
+        part = queue.pop(0)
+        return {"type": "http.request", "body": part, "more_body": bool(queue) or stall}
+
+    return receive
+
+
+async def test_the_content_type_is_not_checked() -> None:
+    """curl's -d sends application/x-www-form-urlencoded; the body is JSON all the same."""
+    scope: dict[str, Any] = {"headers": [(b"content-type", b"application/x-www-form-urlencoded")]}
+    assert await read_body(scope, body_parts(b"{}"), 1000) == b"{}"
