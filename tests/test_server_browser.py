@@ -1,11 +1,12 @@
 """The proxy against web pages, served by uvicorn on 127.0.0.1: foreign origins refused,
 allowed ones served with CORS, DNS rebinding refused by the Host check, any content type
-accepted for a JSON body."""
+accepted for a JSON body, and slow bodies cut off with 408."""
 
 from __future__ import annotations
 
 import json
 import re
+import select
 import socket
 import time
 from typing import Any
@@ -258,6 +259,81 @@ def test_a_curl_style_form_content_type_with_a_json_body_is_served(
     assert text == "from curl"
 
 
+# --- slow bodies ---------------------------------------------------------------------------
+
+
+def head_and_body(answer: bytes) -> tuple[bytes, dict[bytes, bytes], Any]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}
+    return status, headers, json.loads(body)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_a_body_that_stalls_gets_408_and_the_connection_is_closed(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory, path: str
+) -> None:
+    """Half a body, then nothing: 408 soon after body_timeout, in the route's shape."""
+    server = fake_ollama()
+    url = serve(servers=[server.url], body_timeout=0.5)
+    request = (
+        (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n"
+        ).encode()
+        + b'{"model": "'
+        + b"x" * 39
+    )  # 50 of the 100 bytes
+    started = time.monotonic()
+    answer = raw_exchange(url, request)  # returns once the proxy closes the connection
+    elapsed = time.monotonic() - started
+    assert 0.4 < elapsed < 3.0
+    status, headers, body = head_and_body(answer)
+    assert status.startswith(b"HTTP/1.1 408 ")
+    assert headers[b"connection"] == b"close"
+    if path == "/api/chat":
+        assert set(body) == {"error"}
+        message = body["error"]
+    else:
+        assert body["error"]["code"] == "request_timeout"
+        message = body["error"]["message"]
+    assert "did not arrive within 0.5 seconds" in message
+    assert server.count("/api/chat") == 0
+
+
+def test_a_body_that_trickles_in_is_cut_off_at_the_limit(serve: ServeFactory) -> None:
+    """The limit is for the whole body: bytes that keep coming slowly do not extend it."""
+    url = serve(servers=["http://127.0.0.1:9"], body_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        answer = b""
+        while time.monotonic() - started < 5:  # a byte every 0.1 s: 100 would take 10 s
+            readable, _, _ = select.select([sock], [], [], 0.1)
+            if readable:
+                answer = sock.recv(65536)
+                break
+            sock.sendall(b" ")
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert elapsed < 2.0
+
+
+def test_a_body_in_time_is_served_with_a_short_limit(
+    serve: ServeFactory, fake_ollama: FakeOllamaFactory
+) -> None:
+    url = serve(servers=[fake_ollama().url], body_timeout=0.5)
+    body = json.dumps(HI).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    answer = raw_exchange(url, request + body[:10], then=body[10:], wait=0.2)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
 # --- the new arguments, checked when the app is made ---------------------------------------
 
 
@@ -268,9 +344,15 @@ def test_a_curl_style_form_content_type_with_a_json_body_is_served(
         ({"allowed_origins": ["https://a.example/"]}, "has a path"),
         ({"allowed_hosts": "proxy.test"}, "allowed_hosts must be a list of hosts"),
         ({"allowed_hosts": ["http://proxy.test"]}, "is not a host name"),
+        ({"body_timeout": 0}, "body_timeout must be a positive number of seconds"),
+        ({"body_timeout": -1.0}, "body_timeout must be a positive number"),
+        ({"body_timeout": True}, "body_timeout must be a positive number"),
+        ({"body_timeout": "30"}, "body_timeout must be a positive number"),
+        ({"body_timeout": float("nan")}, "body_timeout must be a positive number"),
+        ({"body_timeout": float("inf")}, "body_timeout must be a positive number"),
     ],
 )
-def test_bad_browser_settings_fail_when_the_app_is_made(
+def test_bad_browser_and_body_settings_fail_when_the_app_is_made(
     kwargs: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -280,6 +362,8 @@ def test_bad_browser_settings_fail_when_the_app_is_made(
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
+        ("AICORTEX_BODY_TIMEOUT", "soon", "AICORTEX_BODY_TIMEOUT must be a positive number"),
+        ("AICORTEX_BODY_TIMEOUT", "0", "AICORTEX_BODY_TIMEOUT must be a positive number"),
         ("AICORTEX_ALLOWED_ORIGINS", "evil", "AICORTEX_ALLOWED_ORIGINS: 'evil' is not an origin"),
         ("AICORTEX_ALLOWED_HOSTS", "http://x", "AICORTEX_ALLOWED_HOSTS: 'http://x' is not a host"),
     ],
@@ -290,3 +374,14 @@ def test_bad_settings_in_the_environment_fail_when_the_app_is_made(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=re.escape(message)):
         create_app(servers=["http://127.0.0.1:9"])
+
+
+def test_the_body_timeout_can_come_from_the_environment(
+    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AICORTEX_BODY_TIMEOUT", "0.3")
+    url = serve(servers=["http://127.0.0.1:9"])
+    request = b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n{"
+    answer = raw_exchange(url, request)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"within 0.3 seconds" in answer

@@ -1,5 +1,5 @@
-"""The proxy's rules for web pages (origins, CORS, Host names), as pure decisions: no
-network."""
+"""The proxy's rules for web pages (origins, CORS, Host names) and for slow bodies, as pure
+decisions: no network."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from aicortex.server._browser import (
     origin_refused,
     preflight_headers,
 )
-from aicortex.server._gateway import read_body
+from aicortex.server._errors import ProxyError
+from aicortex.server._gateway import BODY_TIMEOUT, read_body
 
 # --- origins -----------------------------------------------------------------------------
 
@@ -355,7 +356,7 @@ def test_the_host_refusal_names_the_host_and_how_to_allow_it() -> None:
         assert way in error.message
 
 
-# --- the body ------------------------------------------------------------------------------
+# --- the body's time limit -----------------------------------------------------------------
 
 
 def body_parts(*parts: bytes, pause: float = 0.0, stall: bool = False) -> Any:
@@ -371,6 +372,33 @@ def body_parts(*parts: bytes, pause: float = 0.0, stall: bool = False) -> Any:
         return {"type": "http.request", "body": part, "more_body": bool(queue) or stall}
 
     return receive
+
+
+async def test_a_body_that_stalls_is_a_408_that_closes_the_connection() -> None:
+    scope: dict[str, Any] = {"headers": [(b"content-length", b"100")]}
+    with anyio.fail_after(5):
+        with pytest.raises(ProxyError) as caught:
+            await read_body(scope, body_parts(b"{" * 50, stall=True), 1000, timeout=0.2)
+    error = caught.value
+    assert error.status == 408
+    assert error.code == "request_timeout"
+    assert error.headers == {"connection": "close"}
+    assert "did not arrive within 0.2 seconds" in error.message
+
+
+async def test_the_limit_is_for_the_whole_body_not_each_part() -> None:
+    """Parts that each come in time still fail when the whole body takes too long."""
+    receive = body_parts(b"{", b" ", b" ", b" ", b"}", pause=0.1)
+    with anyio.fail_after(5), pytest.raises(ProxyError, match=r"within 0\.25 seconds"):
+        await read_body({"headers": []}, receive, 1000, timeout=0.25)
+
+
+async def test_a_body_in_time_is_read_and_the_apps_limit_comes_from_the_scope() -> None:
+    scope: dict[str, Any] = {"headers": [], BODY_TIMEOUT: 0.2}
+    body = await read_body(scope, body_parts(b'{"a":', b"1}", pause=0.01), 1000)
+    assert body == b'{"a":1}'
+    with anyio.fail_after(5), pytest.raises(ProxyError, match=r"within 0\.2 seconds"):
+        await read_body(scope, body_parts(b"{", stall=True), 1000)
 
 
 async def test_the_content_type_is_not_checked() -> None:

@@ -13,6 +13,8 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import anyio
+
 from ._auth import KeyChecker
 from ._browser import (
     HostPolicy,
@@ -25,6 +27,8 @@ from ._browser import (
 from ._errors import ProxyError, from_exception, native_error
 
 __all__ = [
+    "BODY_TIMEOUT",
+    "DEFAULT_BODY_TIMEOUT",
     "REQUEST_ID",
     "ClientGone",
     "Gateway",
@@ -44,8 +48,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 REQUEST_ID = "aicortex.request_id"  # the scope key that holds a request's id
+BODY_TIMEOUT = "aicortex.body_timeout"  # the scope key that holds the app's body_timeout
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _JSON = (b"content-type", b"application/json")
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 
 
 def request_id(scope: dict[str, Any]) -> str:
@@ -104,8 +110,9 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
 
 class Gateway:
     """Pure ASGI middleware: request id, the browser checks (``Host`` on a loopback
-    listener, ``Origin``, CORS and preflights), API keys, and errors in the route's
-    shape for anything that escapes a route (never a traceback).
+    listener, ``Origin``, CORS and preflights), API keys, the body time limit (for
+    :func:`read_body`), and errors in the route's shape for anything that escapes a
+    route (never a traceback).
 
     A request without an ``Origin`` header costs one look at each header."""
 
@@ -115,11 +122,13 @@ class Gateway:
         keys: KeyChecker,
         origins: OriginPolicy | None = None,
         hosts: HostPolicy | None = None,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
         self.app = app
         self.keys = keys
         self.origins = origins or OriginPolicy()
         self.hosts = hosts or HostPolicy()
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,6 +153,7 @@ class Gateway:
         text = incoming.decode("latin-1") if incoming else ""
         request_id = text if _SANE_ID.fullmatch(text) else secrets.token_hex(16)
         scope[REQUEST_ID] = request_id
+        scope[BODY_TIMEOUT] = self.body_timeout
         if refused_origin is not None:
             origin = None  # no CORS headers on the refusal
         added = [(b"x-request-id", request_id.encode())]
@@ -208,10 +218,25 @@ def _too_large(limit: int) -> ProxyError:
     )
 
 
-async def read_body(scope: dict[str, Any], receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes. Its Content-Type is not
-    checked: the body is parsed as JSON whatever it says (curl's ``-d`` sends a form
-    type)."""
+def _too_slow(timeout: float) -> ProxyError:
+    return ProxyError(
+        408,
+        f"The request body did not arrive within {timeout:g} seconds, so the connection is "
+        "closed. Send the whole body without pausing (the proxy's body_timeout, "
+        "aicortex serve --body-timeout, sets the limit).",
+        code="request_timeout",
+        headers={"connection": "close"},
+    )
+
+
+async def read_body(
+    scope: dict[str, Any], receive: Receive, limit: int, timeout: float | None = None
+) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes and with 408 when it has
+    not all arrived within ``timeout`` seconds (by default the app's ``body_timeout``,
+    which :class:`Gateway` puts in the scope). Its Content-Type is not checked: the body
+    is parsed as JSON whatever it says (curl's ``-d`` sends a form type)."""
+    seconds: float = scope.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT) if timeout is None else timeout
     length = _header(scope, b"content-length")
     if length is not None:
         if not length.isdigit():
@@ -220,17 +245,19 @@ async def read_body(scope: dict[str, Any], receive: Receive, limit: int) -> byte
             raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    with anyio.move_on_after(seconds):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    raise _too_slow(seconds)
 
 
 class ClientGone(Exception):
