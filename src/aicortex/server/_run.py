@@ -34,6 +34,9 @@ def serve(
     max_connections: int | None = None,
     routing: Strategy | None = None,
     allow_management: bool = False,
+    allowed_origins: Sequence[str] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    body_timeout: float | None = None,
 ) -> None:
     """Serve the proxy (OpenAI's API and Ollama's) with uvicorn until interrupted (Ctrl-C).
 
@@ -41,6 +44,10 @@ def serve(
     with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``
     and ``max_connections`` are :class:`~aicortex.AsyncCortex`'s; ``allow_management``
     lets Ollama clients pull models onto (and delete them from) every server.
+    ``allowed_origins``, ``allowed_hosts`` and ``body_timeout`` are
+    :func:`~aicortex.server.create_app`'s (None: their environment variables, else the
+    defaults). uvicorn's own limits stay its defaults (an idle keep-alive connection
+    is closed after 5 s).
     """
     try:
         import uvicorn
@@ -58,6 +65,9 @@ def serve(
         max_connections=max_connections,
         routing=routing,
         allow_management=allow_management,
+        allowed_origins=None if allowed_origins is None else list(allowed_origins),
+        allowed_hosts=None if allowed_hosts is None else list(allowed_hosts),
+        body_timeout=body_timeout,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
 
@@ -118,6 +128,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "them from every server (DELETE /api/delete); refused by default",
     )
     parser.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="also serve web pages from this origin (CORS): exact, or with * as a wildcard "
+        "(https://*.example.com), or * for all; repeat for several (default: "
+        "AICORTEX_ALLOWED_ORIGINS, comma-separated; localhost pages are always served)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="HOST",
+        help="also answer to this Host name on a loopback address (with * as a wildcard, "
+        "or * to turn the check off); repeat for several (default: AICORTEX_ALLOWED_HOSTS, "
+        "comma-separated; localhost and 127.x are always answered)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait for a whole request body; a slower one gets 408 "
+        "(default: AICORTEX_BODY_TIMEOUT, else 30)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -132,6 +167,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # Each --server may hold several comma-separated URLs, as AICORTEX_SERVERS does.
     servers = [url for value in args.servers or () for url in split_servers(value)]
+    # Each --allowed-origin and --allowed-host may hold several, comma-separated.
+    origins = _listed(getattr(args, "allowed_origins", None))
+    hosts = _listed(getattr(args, "allowed_hosts", None))
     try:
         serve(
             host=args.host,
@@ -144,6 +182,9 @@ def run_serve(args: argparse.Namespace) -> int:
             max_connections=getattr(args, "max_connections", None),
             routing=getattr(args, "routing", None),
             allow_management=getattr(args, "allow_management", False),
+            allowed_origins=origins,
+            allowed_hosts=hosts,
+            body_timeout=getattr(args, "body_timeout", None),
         )
     except (ValidationError, ValueError) as exc:
         print(f"aicortex serve: {exc}", file=sys.stderr)
@@ -151,3 +192,11 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _listed(values: Sequence[str] | None) -> list[str] | None:
+    """The entries of a repeatable option whose values may be comma-separated; None
+    when the option was not given (so that its environment variable applies)."""
+    if values is None:
+        return None
+    return [entry.strip() for value in values for entry in value.split(",") if entry.strip()]
