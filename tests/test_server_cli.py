@@ -215,6 +215,42 @@ def test_serve_reads_its_settings_from_the_configuration_file(
     assert code == 0, err
 
 
+def test_serve_takes_the_allowed_origins_and_hosts_and_the_body_timeout(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory
+) -> None:
+    """--allowed-origin and --allowed-host (repeatable, or comma-separated) are served;
+    others are refused; --body-timeout cuts off a body that stalls."""
+    proxy = run_proxy(
+        "--server",
+        fake_ollama().url,
+        "--allowed-origin",
+        "https://app.example.com",
+        "--allowed-origin",
+        "https://b.example,https://*.c.example",
+        "--allowed-host",
+        "proxy.test",
+        "--body-timeout",
+        "0.5",
+    )
+    proxy.wait_until_up()
+    url = proxy.url + "/v1/chat/completions"
+    for origin in ("https://app.example.com", "https://b.example", "https://x.c.example"):
+        response = httpx.post(url, json=HI, headers={"origin": origin}, timeout=10)
+        assert response.status_code == 200, origin
+        assert response.headers["access-control-allow-origin"] == origin
+    assert httpx.post(url, json=HI, headers={"origin": "https://evil.example"}).status_code == 403
+    assert httpx.get(proxy.url + "/health", headers={"host": "proxy.test:1"}).status_code == 200
+    assert httpx.get(proxy.url + "/health", headers={"host": "evil.test"}).status_code == 403
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: 9\r\n\r\n{")
+        started = time.monotonic()
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert time.monotonic() - started < 3
+    code, err = proxy.stop()
+    assert code == 0, err
+
+
 def test_serve_refuses_an_invalid_configuration_file(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[routing]\nstrategy = 'fastest'\n")
@@ -380,3 +416,23 @@ def test_workers_serve_side_by_side_and_stop_cleanly(
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--allowed-origin", "https://a.example/app"], "'https://a.example/app' has a path"),
+        (["--allowed-origin", "evil"], "allowed_origins: 'evil' is not an origin"),
+        (["--allowed-host", "http://x"], "allowed_hosts: 'http://x' is not a host name"),
+        (["--body-timeout", "0"], "the option --body-timeout: proxy.body_timeout: Input should be"),
+        (["--body-timeout", "soon"], "invalid float value: 'soon'"),
+    ],
+)
+def test_serve_refuses_a_bad_browser_setting_before_listening(
+    option: list[str], message: str
+) -> None:
+    """A bad --allowed-origin, --allowed-host or --body-timeout stops the command with
+    status 2, saying why."""
+    result = serve_command(*option)
+    assert result.returncode == 2
+    assert message in result.stderr

@@ -114,6 +114,9 @@ class ProxySettings(_Section):
     allow_management: bool = False
     workers: int = Field(default=1, ge=1)
     grace: float = Field(default=30.0, ge=0)
+    allowed_origins: list[str] | None = None
+    allowed_hosts: list[str] | None = None
+    body_timeout: float | None = Field(default=None, gt=0)
 
 
 class Settings(_Section):
@@ -148,6 +151,10 @@ class Settings(_Section):
         }
 
 
+def _words(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _optional_seconds(value: str) -> str | None:
     return None if value.strip().lower() in ("", "none", "off") else value.strip()
 
@@ -172,6 +179,9 @@ ENVIRONMENT: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("proxy.max_body_size", "AICORTEX_MAX_BODY_SIZE", str.strip),
     ("proxy.workers", "AICORTEX_WORKERS", str.strip),
     ("proxy.grace", "AICORTEX_GRACE", str.strip),
+    ("proxy.allowed_origins", "AICORTEX_ALLOWED_ORIGINS", _words),
+    ("proxy.allowed_hosts", "AICORTEX_ALLOWED_HOSTS", _words),
+    ("proxy.body_timeout", "AICORTEX_BODY_TIMEOUT", str.strip),
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, Iterable, Sequence
@@ -26,9 +27,11 @@ from .._pools import HttpChoice
 from .._protocol import embed_inputs, model_key
 from .._routing import Server, Strategy
 from ._auth import KeyChecker, load_keys
+from ._browser import HostPolicy, OriginPolicy, load_hosts, load_origins
 from ._drain import Drain, Draining
 from ._errors import ProxyError, invalid, missing
 from ._gateway import (
+    DEFAULT_BODY_TIMEOUT,
     ClientGone,
     Gateway,
     Receive,
@@ -275,6 +278,34 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return Response(error.encode(), status, headers=headers, media_type="application/json")
 
 
+ENV_BODY_TIMEOUT = "AICORTEX_BODY_TIMEOUT"
+
+
+def _body_timeout(value: float | None) -> float:
+    """``body_timeout`` checked: the value given, else ``AICORTEX_BODY_TIMEOUT``, else 30."""
+    source = "body_timeout"
+    number: object = value
+    if value is None:
+        raw = os.environ.get(ENV_BODY_TIMEOUT, "").strip()
+        if not raw:
+            return DEFAULT_BODY_TIMEOUT
+        source = ENV_BODY_TIMEOUT
+        try:
+            number = float(raw)
+        except ValueError:
+            number = raw
+    if (
+        isinstance(number, bool)
+        or not isinstance(number, (int, float))
+        or not math.isfinite(number)
+        or number <= 0
+    ):
+        raise ValueError(
+            f"{source} must be a positive number of seconds (e.g. 30), not {number!r}."
+        )
+    return float(number)
+
+
 def create_app(
     cortex: AsyncCortex | None = None,
     *,
@@ -289,6 +320,9 @@ def create_app(
     allow_management: bool = False,
     health_ttl: float | None = None,
     shutdown_grace: float | None = None,
+    allowed_origins: Iterable[str] | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    body_timeout: float | None = None,
 ) -> Starlette:
     """An ASGI app that serves OpenAI's API and Ollama's in front of one or many servers.
 
@@ -317,6 +351,20 @@ def create_app(
     still running then end with an error frame (a 503 if nothing was sent yet). Leave it
     None when the host application handles shutdown itself.
 
+    Web pages: a request with an ``Origin`` header is served only from an allowed
+    origin, else refused with 403. Allowed are localhost pages (``http(s)://localhost``,
+    ``127.0.0.1``, ``0.0.0.0`` and ``[::1]``, on any port), the webviews of desktop
+    apps (``app://``, ``file://``, ``tauri://``, ``vscode-webview://``,
+    ``vscode-file://``), and ``allowed_origins`` (else ``AICORTEX_ALLOWED_ORIGINS``,
+    comma-separated): exact origins, patterns with ``*`` (``https://*.example.com``),
+    ``null``, or ``*`` for every origin. Allowed origins get CORS headers and their
+    preflights are answered (no key needed). On a connection that arrived on a loopback
+    address the ``Host`` header must name a loopback host, or one of ``allowed_hosts``
+    (else ``AICORTEX_ALLOWED_HOSTS``; ``*`` turns the check off): a page that has its
+    own domain name resolve to 127.0.0.1 (DNS rebinding) is refused with 403.
+    ``body_timeout`` (else ``AICORTEX_BODY_TIMEOUT``, else 30): seconds for a whole
+    request body to arrive; a slower one gets 408 and the connection is closed.
+
     Served on its own (``uvicorn.run(create_app())``), the app closes the cortex it
     created when the server shuts down (ASGI lifespan). Mounted in another app, it
     gets no lifespan events of its own: run its lifespan from the host's, or close
@@ -337,6 +385,9 @@ def create_app(
             f"max_body_size must be a positive number of bytes, not {max_body_size!r}."
         )
     keys = KeyChecker(load_keys(api_keys, api_key_file))
+    origins = OriginPolicy(load_origins(allowed_origins))
+    hosts = HostPolicy(load_hosts(allowed_hosts))
+    body_limit = _body_timeout(body_timeout)
     own = (servers, timeout, http, max_connections, routing, health_ttl)
     if cortex is not None and any(option is not None for option in own):
         raise ValueError(
@@ -379,7 +430,10 @@ def create_app(
             Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
             *native_routes(handle, max_body_size, started, allow_management=allow_management),
         ],
-        middleware=[Middleware(Gateway, keys=keys), Middleware(Draining, drain=drain)],
+        middleware=[
+            Middleware(Gateway, keys=keys, origins=origins, hosts=hosts, body_timeout=body_limit),
+            Middleware(Draining, drain=drain),
+        ],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )

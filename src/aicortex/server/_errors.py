@@ -11,8 +11,11 @@ What happened                 Status  type                       code
 invalid JSON / field          400     invalid_request_error      (field-specific) / null
 an upstream rejected it       400     invalid_request_error      null
 missing or wrong API key      401     invalid_request_error      invalid_api_key
+a web page's origin refused   403     invalid_request_error      origin_not_allowed
+Host not loopback (rebinding) 403     invalid_request_error      host_not_allowed
 unknown model                 404     invalid_request_error      model_not_found
 unknown URL                   404     invalid_request_error      unknown_url
+body too slow to arrive       408     invalid_request_error      request_timeout
 body over the size cap        413     invalid_request_error      request_too_large
 no upstream could serve it    503     api_error                  upstream_unavailable
 the total deadline passed     504     api_error                  upstream_timeout

@@ -43,6 +43,9 @@ def serve(
     allow_management: bool = False,
     timeout: Timeout | None = None,
     health_ttl: float | None = None,
+    allowed_origins: Sequence[str] | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    body_timeout: float | None = None,
 ) -> None:
     """Serve the proxy (OpenAI's API and Ollama's) with uvicorn until interrupted (Ctrl-C).
 
@@ -50,7 +53,10 @@ def serve(
     with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``,
     ``max_connections``, ``timeout`` and ``health_ttl`` are :class:`~aicortex.AsyncCortex`'s;
     ``allow_management`` lets Ollama clients pull models onto (and delete them from)
-    every server.
+    every server. ``allowed_origins``, ``allowed_hosts`` and ``body_timeout`` are
+    :func:`~aicortex.server.create_app`'s (None: their environment variables, else the
+    defaults). uvicorn's own limits stay its defaults (an idle keep-alive connection
+    is closed after 5 s).
     """
     try:
         import uvicorn
@@ -70,6 +76,9 @@ def serve(
         allow_management=allow_management,
         timeout=timeout,
         health_ttl=health_ttl,
+        allowed_origins=None if allowed_origins is None else list(allowed_origins),
+        allowed_hosts=None if allowed_hosts is None else list(allowed_hosts),
+        body_timeout=body_timeout,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
 
@@ -120,7 +129,16 @@ def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
         app.state.aicortex_keys.replace(keys)
         kept = [
             name
-            for name in ("host", "port", "max_body_size", "allow_management")
+            for name in (
+                "host",
+                "port",
+                "max_body_size",
+                "allow_management",
+                "allowed_origins",
+                "allowed_hosts",
+                "body_timeout",
+                "grace",
+            )
             if getattr(fresh.proxy, name) != getattr(proxy, name)
         ]
         count = len(fresh.servers)
@@ -153,6 +171,9 @@ def _make_app(settings: Settings) -> Any:
         max_body_size=proxy.max_body_size,
         allow_management=proxy.allow_management,
         shutdown_grace=proxy.grace,
+        allowed_origins=proxy.allowed_origins,
+        allowed_hosts=proxy.allowed_hosts,
+        body_timeout=proxy.body_timeout,
         **_client_options(settings),
     )
 
@@ -303,6 +324,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "them from every server (DELETE /api/delete); refused by default",
     )
     parser.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="also serve web pages from this origin (CORS): exact, or with * as a wildcard "
+        "(https://*.example.com), or * for all; repeat for several (default: "
+        "AICORTEX_ALLOWED_ORIGINS, comma-separated; localhost pages are always served)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        metavar="HOST",
+        help="also answer to this Host name on a loopback address (with * as a wildcard, "
+        "or * to turn the check off); repeat for several (default: AICORTEX_ALLOWED_HOSTS, "
+        "comma-separated; localhost and 127.x are always answered)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait for a whole request body; a slower one gets 408 "
+        "(default: AICORTEX_BODY_TIMEOUT, else 30)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -320,6 +366,8 @@ _FLAGS = {
     "timeouts.idle": "--idle-timeout",
     "timeouts.total": "--total-timeout",
     "timeouts.probe": "--probe-timeout",
+    "proxy.allowed_origins": "--allowed-origin",
+    "proxy.allowed_hosts": "--allowed-host",
 }
 
 
@@ -341,6 +389,10 @@ def run_serve(args: argparse.Namespace) -> int:
         "proxy.allow_management": True if getattr(args, "allow_management", False) else None,
         "proxy.workers": getattr(args, "workers", None),
         "proxy.grace": getattr(args, "grace", None),
+        # Each --allowed-origin and --allowed-host may hold several, comma-separated.
+        "proxy.allowed_origins": _listed(getattr(args, "allowed_origins", None)),
+        "proxy.allowed_hosts": _listed(getattr(args, "allowed_hosts", None)),
+        "proxy.body_timeout": getattr(args, "body_timeout", None),
         "http": getattr(args, "http", None),
         "max_connections": getattr(args, "max_connections", None),
         "routing.strategy": getattr(args, "routing", None),
@@ -367,3 +419,11 @@ def run_serve(args: argparse.Namespace) -> int:
     except Stopped:
         return 0
     return 0
+
+
+def _listed(values: Sequence[str] | None) -> list[str] | None:
+    """The entries of a repeatable option whose values may be comma-separated; None
+    when the option was not given (so that its environment variable applies)."""
+    if values is None:
+        return None
+    return [entry.strip() for value in values for entry in value.split(",") if entry.strip()]
