@@ -120,6 +120,9 @@ def test_where_the_file_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ("", {"AICORTEX_PORT": "abc"}, "the environment variable AICORTEX_PORT: proxy.port:"),
         ("", {"AICORTEX_MAX_BODY_SIZE": "0"}, "AICORTEX_MAX_BODY_SIZE: proxy.max_body_size:"),
         ("[proxy]\nallow_management = 3\n", {}, "allow_management: Input should be a valid"),
+        ("", {"AICORTEX_BODY_TIMEOUT": "0"}, "AICORTEX_BODY_TIMEOUT: proxy.body_timeout:"),
+        ("[proxy]\nallowed_origins = 'x'\n", {}, "proxy.allowed_origins: Input should be a valid"),
+        ("[proxy]\nworkers = 0\n", {}, "proxy.workers: Input should be greater than"),
         ("[routing]\n[routing.extra]\nx = 1\n", {}, "aicortex.toml: routing.extra: unknown key"),
     ],
 )
