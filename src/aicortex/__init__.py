@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from ._lookup import model_servers as model_servers
     from ._lookup import models as models
     from ._lookup import random_llm_params as random_llm_params
+    from ._metrics import Observer as Observer
+    from ._metrics import RequestRecord as RequestRecord
     from ._protocol import Message as Message
     from ._pull import PullProgress as PullProgress
     from ._pull import PullStream as PullStream
@@ -86,6 +88,8 @@ _LAZY = {
     "RequestArgs": "_client",
     "ServerInfo": "_health",
     "Message": "_protocol",
+    "Observer": "_metrics",
+    "RequestRecord": "_metrics",
     "PullProgress": "_pull",
     "PullStream": "_pull",
     "Server": "_routing",
@@ -111,10 +115,12 @@ __all__ = [
     "Message",
     "ModelInfo",
     "ModelNotFoundError",
+    "Observer",
     "ParamRange",
     "PullProgress",
     "PullStream",
     "RequestArgs",
+    "RequestRecord",
     "Server",
     "ServerEntry",
     "ServerError",

@@ -202,3 +202,24 @@ async def use_generate_and_embed() -> None:
     module_vectors: aicortex.EmbedResult = aicortex.embed("x", batch_size=32)
     args: aicortex.GenerateArgs = {"suffix": "x", "raw": False}
     del module_text, module_vectors, args
+
+
+class Slow(aicortex.Observer):
+    def request_finished(self, record: aicortex.RequestRecord) -> None:
+        first: float | None = record.first_token
+        seconds: float = record.duration
+        outcome: Literal["ok", "error", "timeout", "model_missing", "invalid", "client_gone"]
+        outcome = record.outcome
+        kind: Literal["chat", "generate", "embed"] = record.kind
+        stats: Stats | None = record.stats
+        attempts: tuple[Attempt, ...] = record.attempts
+        print(first, seconds, outcome, kind, stats, attempts, record.model, record.server)
+
+
+async def use_observers() -> None:
+    async with AsyncCortex(observers=[Slow()]) as cortex:
+        cortex.add_observer(Slow())
+        watching: tuple[aicortex.Observer, ...] = cortex.observers
+        del watching
+    with Cortex(observers=(Slow(),)) as blocking:
+        blocking.remove_observer(blocking.observers[0])
