@@ -1,5 +1,5 @@
-"""What a client tells about its requests: the records its observers get, and the
-recorder that adds them up."""
+"""What a client tells about its requests: the records its observers get, the recorder
+that adds them up, and ``CortexCollector`` in a program's own Prometheus registry."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from aicortex import (
     AsyncCortex,
     Attempt,
+    Cortex,
+    CortexCollector,
     CortexTimeoutError,
     ModelNotFoundError,
     Observer,
@@ -56,6 +60,21 @@ def record(**fields: Any) -> RequestRecord:
         "duration": 0.2,
     }
     return RequestRecord(**(base | fields))
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a scrape, by (name, labels)."""
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, frozenset(sample.labels.items())] = sample.value
+    return found
+
+
+def value(
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
 
 
 # --- the recorder, without a network ---------------------------------------------------------
@@ -302,3 +321,114 @@ async def test_without_observers_nothing_is_recorded(fake_ollama: FakeOllamaFact
         cortex.remove_observer(seen)
         await cortex.chat("hi", model=MODEL)
     assert len(seen.records) == 1
+
+
+# --- CortexCollector -----------------------------------------------------------------------------
+
+
+async def test_the_collector_exposes_a_clients_requests_in_a_fresh_registry(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """Registered in a program's own registry: requests by kind, tokens, speed, loads,
+    first-token times, failovers, and each server's state and requests in flight."""
+    server = fake_ollama()  # answers "Hello!" (2 tokens) for MODEL, 404 for any other
+    down = refused_url()
+    registry = CollectorRegistry()
+    async with AsyncCortex([down, server.url], fallback=False, timeout=QUICK) as cortex:
+        collector = CortexCollector(cortex)
+        registry.register(collector)
+        await cortex.chat("hi", model=MODEL)
+        async with await cortex.chat("hi", model=MODEL, stream=True) as stream:
+            await stream.text()
+        await cortex.embed("text", model=MODEL)
+        with pytest.raises(ModelNotFoundError):
+            await cortex.chat("hi", model="nobody-has:1b")
+        found = samples(generate_latest(registry).decode())
+        collector.close()
+        await cortex.chat("hi", model=MODEL)  # not counted any more
+        later = samples(generate_latest(registry).decode())
+    ok = {"model": MODEL, "server": server.url, "outcome": "ok"}
+    assert value(later, "aicortex_requests_total", route="chat", **ok) == 2
+    assert value(found, "aicortex_requests_total", route="chat", **ok) == 2
+    assert value(found, "aicortex_requests_total", route="embed", **ok) == 1
+    missing = {"model": "", "server": "", "outcome": "model_missing"}
+    assert value(found, "aicortex_requests_total", route="chat", **missing) == 1
+    pair = {"model": MODEL, "server": server.url}
+    assert value(found, "aicortex_tokens_total", kind="prompt", **pair) == 8 * 2 + 2
+    assert value(found, "aicortex_tokens_total", kind="completion", **pair) == 4
+    assert value(found, "aicortex_time_to_first_token_seconds_count", **pair) == 2
+    assert value(found, "aicortex_time_to_first_token_seconds_sum", **pair) > 0
+    assert value(found, "aicortex_generation_tokens_per_second_count", **pair) == 2
+    assert value(found, "aicortex_generation_tokens_per_second_sum", **pair) == 200.0
+    assert value(found, "aicortex_model_load_seconds_count", **pair) == 3
+    assert value(found, "aicortex_model_load_seconds_bucket", le="0.001", **pair) == 3
+    assert value(found, "aicortex_request_duration_seconds_count", route="chat", outcome="ok") == 2
+    assert value(found, "aicortex_failovers_total", reason="unreachable") >= 1
+    assert value(found, "aicortex_in_flight", server=server.url) == 0
+    assert value(found, "aicortex_server_state", server=server.url, state="healthy") == 1
+    assert value(found, "aicortex_server_state", server=down, state="ejected") == 1
+    assert value(found, "aicortex_server_state", server=down, state="healthy") == 0
+
+
+async def test_requests_in_flight_are_read_when_collected(fake_ollama: FakeOllamaFactory) -> None:
+    """A stream being read counts against its server until it is closed."""
+    server = fake_ollama(chat=reply(["t"] * 20, delay=0.05))
+    registry = CollectorRegistry()
+    async with AsyncCortex([server.url], fallback=False, timeout=QUICK) as cortex:
+        registry.register(CortexCollector(cortex))
+        async with await cortex.chat("hi", model=MODEL, stream=True):
+            during = samples(generate_latest(registry).decode())
+        after = samples(generate_latest(registry).decode())
+    assert value(during, "aicortex_in_flight", server=server.url) == 1
+    assert value(after, "aicortex_in_flight", server=server.url) == 0
+    assert (
+        value(
+            after,
+            "aicortex_requests_total",
+            route="chat",
+            model=MODEL,
+            server=server.url,
+            outcome="client_gone",
+        )
+        == 1
+    )
+
+
+def test_the_collector_works_with_the_blocking_client_and_names_its_metrics(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """A Cortex, read from another thread; describe() names every metric; a closed
+    Cortex still collects, without servers."""
+    server = fake_ollama()
+    registry = CollectorRegistry()
+    with Cortex([server.url], fallback=False, timeout=QUICK) as cortex:
+        collector = CortexCollector(cortex)
+        registry.register(collector)
+        cortex.chat("hi", model=MODEL)
+        found = samples(generate_latest(registry).decode())
+    assert (
+        value(
+            found,
+            "aicortex_requests_total",
+            route="chat",
+            model=MODEL,
+            server=server.url,
+            outcome="ok",
+        )
+        == 1
+    )
+    assert value(found, "aicortex_server_state", server=server.url, state="healthy") == 1
+    names = {family.name for family in collector.describe()}
+    assert names == {
+        "aicortex_requests",
+        "aicortex_request_duration_seconds",
+        "aicortex_time_to_first_token_seconds",
+        "aicortex_tokens",
+        "aicortex_generation_tokens_per_second",
+        "aicortex_model_load_seconds",
+        "aicortex_failovers",
+        "aicortex_in_flight",
+        "aicortex_server_state",
+    }
+    closed = samples(generate_latest(registry).decode())
+    assert not [key for key in closed if key[0] == "aicortex_server_state"]

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ._lookup import random_llm_params as random_llm_params
     from ._metrics import Observer as Observer
     from ._metrics import RequestRecord as RequestRecord
+    from ._prometheus import CortexCollector as CortexCollector
     from ._protocol import Message as Message
     from ._pull import PullProgress as PullProgress
     from ._pull import PullStream as PullStream
@@ -82,6 +83,7 @@ _LAZY = {
     "ServerEntry": "_catalog",
     "ApiRequest": "_client",
     "AsyncCortex": "_client",
+    "CortexCollector": "_prometheus",
     "ChatArgs": "_client",
     "GenerateArgs": "_client",
     "EmbedResult": "_embed",
@@ -108,6 +110,7 @@ __all__ = [
     "Catalog",
     "ChatArgs",
     "Cortex",
+    "CortexCollector",
     "CortexTimeoutError",
     "EmbedResult",
     "EventType",

@@ -216,10 +216,17 @@ class Slow(aicortex.Observer):
         print(first, seconds, outcome, kind, stats, attempts, record.model, record.server)
 
 
-async def use_observers() -> None:
+async def use_observers_and_the_collector() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
     async with AsyncCortex(observers=[Slow()]) as cortex:
+        collector = aicortex.CortexCollector(cortex)
+        registry.register(collector)
         cortex.add_observer(Slow())
         watching: tuple[aicortex.Observer, ...] = cortex.observers
+        collector.close()
         del watching
     with Cortex(observers=(Slow(),)) as blocking:
+        registry.register(aicortex.CortexCollector(blocking))
         blocking.remove_observer(blocking.observers[0])
