@@ -97,9 +97,12 @@ class Gateway:
     """Pure ASGI middleware: request id, API keys, and OpenAI-shaped errors for anything
     that escapes a route (never a traceback)."""
 
-    def __init__(self, app: Any, keys: KeyChecker) -> None:
+    def __init__(
+        self, app: Any, keys: KeyChecker, open_paths: Iterable[str] = ("/health",)
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.open_paths = frozenset(open_paths)  # served without a key
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,7 +124,7 @@ class Gateway:
 
         path = _route_path(scope)
         try:
-            if self.keys.enabled and path != "/health":
+            if self.keys.enabled and path not in self.open_paths:
                 self.keys.check(_header(scope, b"authorization"))
             await self.app(scope, receive, send_with_id)
         except Exception as exc:

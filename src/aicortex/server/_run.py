@@ -7,16 +7,24 @@ for every command, and only ``serve`` needs Starlette and uvicorn.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from .._pools import HttpChoice
     from .._routing import Server, Strategy
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "add_serve_arguments",
+    "configure_access_log",
+    "run_serve",
+    "serve",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -34,13 +42,20 @@ def serve(
     max_connections: int | None = None,
     routing: Strategy | None = None,
     allow_management: bool = False,
+    metrics: bool = True,
+    metrics_open: bool = False,
+    access_log: bool = True,
+    log_format: Literal["text", "json"] = "text",
 ) -> None:
     """Serve the proxy (OpenAI's API and Ollama's) with uvicorn until interrupted (Ctrl-C).
 
     Binds to 127.0.0.1 unless told otherwise: put the proxy on a public address only
     with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``
     and ``max_connections`` are :class:`~aicortex.AsyncCortex`'s; ``allow_management``
-    lets Ollama clients pull models onto (and delete them from) every server.
+    lets Ollama clients pull models onto (and delete them from) every server;
+    ``metrics``, ``metrics_open``, ``access_log`` and ``log_format`` are
+    :func:`~aicortex.server.create_app`'s. The access log goes to stderr, one line per
+    request (instead of uvicorn's own), unless ``log_level`` is above ``info``.
     """
     try:
         import uvicorn
@@ -58,8 +73,41 @@ def serve(
         max_connections=max_connections,
         routing=routing,
         allow_management=allow_management,
+        metrics=metrics,
+        metrics_open=metrics_open,
+        access_log=access_log,
+        log_format=log_format,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
+    if access_log:
+        configure_access_log(log_format, log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False)
+
+
+_HANDLER_NAME = "aicortex-serve"
+_LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": logging.DEBUG,
+}
+
+
+def configure_access_log(log_format: Literal["text", "json"], log_level: str = "info") -> None:
+    """Send the ``aicortex.access`` lines to stderr: after a timestamp, or as they are
+    (JSON lines carry their own ``time``). Lines are INFO records, so a ``log_level``
+    above ``info`` hides them."""
+    logger = logging.getLogger("aicortex.access")
+    for old in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    form = "%(message)s" if log_format == "json" else "%(asctime)s %(message)s"
+    handler.setFormatter(logging.Formatter(form))
+    logger.addHandler(handler)
+    logger.setLevel(_LEVELS.get(log_level.lower(), logging.INFO))
+    logger.propagate = False  # one line per request, whatever the root logger has
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +169,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn's log level (default: info)",
+        help="uvicorn's log level, and the access log's: above info hides it (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="the access log on stderr, one line per request: key=value pairs after a "
+        "timestamp, or JSON objects (default: text)",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="write no access log",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="serve no GET /metrics (Prometheus metrics, on by default)",
+    )
+    parser.add_argument(
+        "--metrics-open",
+        action="store_true",
+        help="serve GET /metrics without an API key even when keys are required",
     )
 
 
@@ -144,6 +216,10 @@ def run_serve(args: argparse.Namespace) -> int:
             max_connections=getattr(args, "max_connections", None),
             routing=getattr(args, "routing", None),
             allow_management=getattr(args, "allow_management", False),
+            metrics=getattr(args, "metrics", True),
+            metrics_open=getattr(args, "metrics_open", False),
+            access_log=getattr(args, "access_log", True),
+            log_format=getattr(args, "log_format", "text"),
         )
     except (ValidationError, ValueError) as exc:
         print(f"aicortex serve: {exc}", file=sys.stderr)
