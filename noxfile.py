@@ -115,6 +115,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "tests/benchmarks/bench_routing.py")
     session.run("python", "tests/benchmarks/bench_real.py")
     session.run("python", "tests/benchmarks/bench_native.py")
+    session.run("python", "tests/benchmarks/bench_observe.py")
     # LiteLLM lives in a venv of its own so its pins cannot change what is measured.
     litellm_venv = pathlib.Path(session.virtualenv.location).parent / "bench-litellm"
     litellm_bin = litellm_venv / ("Scripts" if os.name == "nt" else "bin")

@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from ._lookup import model_servers as model_servers
     from ._lookup import models as models
     from ._lookup import random_llm_params as random_llm_params
+    from ._metrics import Observer as Observer
+    from ._metrics import RequestRecord as RequestRecord
+    from ._prometheus import CortexCollector as CortexCollector
     from ._protocol import Message as Message
     from ._pull import PullProgress as PullProgress
     from ._pull import PullStream as PullStream
@@ -80,12 +83,15 @@ _LAZY = {
     "ServerEntry": "_catalog",
     "ApiRequest": "_client",
     "AsyncCortex": "_client",
+    "CortexCollector": "_prometheus",
     "ChatArgs": "_client",
     "GenerateArgs": "_client",
     "EmbedResult": "_embed",
     "RequestArgs": "_client",
     "ServerInfo": "_health",
     "Message": "_protocol",
+    "Observer": "_metrics",
+    "RequestRecord": "_metrics",
     "PullProgress": "_pull",
     "PullStream": "_pull",
     "Server": "_routing",
@@ -104,6 +110,7 @@ __all__ = [
     "Catalog",
     "ChatArgs",
     "Cortex",
+    "CortexCollector",
     "CortexTimeoutError",
     "EmbedResult",
     "EventType",
@@ -111,10 +118,12 @@ __all__ = [
     "Message",
     "ModelInfo",
     "ModelNotFoundError",
+    "Observer",
     "ParamRange",
     "PullProgress",
     "PullStream",
     "RequestArgs",
+    "RequestRecord",
     "Server",
     "ServerEntry",
     "ServerError",

@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict, TypeVar, cast, overload
@@ -38,6 +38,7 @@ from ._exceptions import (
     ValidationError,
 )
 from ._health import Health, ServerInfo, unique
+from ._metrics import Kind, Meter, Observer, Observers, RequestRecord, outcome_of
 from ._openai import CHAT_PATH as OPENAI_CHAT
 from ._openai import EMBEDDINGS_PATH as OPENAI_EMBEDDINGS
 from ._openai import SSETranslator
@@ -165,6 +166,7 @@ GENERATE_ARGS = GenerateArgs.__optional_keys__
 REQUEST_ARGS = RequestArgs.__optional_keys__
 DEFAULT_BATCH_SIZE = 64
 _PER_SERVER = 4  # embedding batches in flight per candidate server, by default
+_KINDS: dict[str, Kind] = {CHAT_PATH: "chat", GENERATE_PATH: "generate", EMBED_PATH: "embed"}
 _T = TypeVar("_T")
 
 
@@ -264,6 +266,7 @@ class AsyncCortex:
     a chat past it waits for a free connection within its first-token limit.
     ``max_line_size`` (default 8 MiB) is the longest NDJSON line accepted: a longer
     one fails the answer (before the first token, the next server is tried).
+    ``observers`` are told how each request went, once it ended (see :class:`Observer`).
     """
 
     def __init__(
@@ -281,6 +284,7 @@ class AsyncCortex:
         limits: httpx.Limits | None = None,
         max_connections: int | None = None,
         max_line_size: int = DEFAULT_MAX_LINE,
+        observers: Iterable[Observer] = (),
     ) -> None:
         configured = _as_servers(servers)
         self._servers = [s.url for s in configured]
@@ -314,6 +318,10 @@ class AsyncCortex:
             limits=connection_limits(limits, max_connections),
             servers=configured,
         )
+        self._observers: tuple[Observer, ...] = ()
+        self._observer: Observers | None = None  # None: nobody to tell, nothing recorded
+        for observer in observers:
+            self.add_observer(observer)
 
     @classmethod
     def from_config(cls, path: str | PathLike[str] | None = None, **arguments: Any) -> AsyncCortex:
@@ -391,6 +399,31 @@ class AsyncCortex:
 
     def __repr__(self) -> str:
         return f"<AsyncCortex servers={self._servers!r}>"
+
+    # -- observers -----------------------------------------------------------
+
+    @property
+    def observers(self) -> tuple[Observer, ...]:
+        """The observers told about each finished request, in the order they were added."""
+        return self._observers
+
+    def add_observer(self, observer: Observer) -> None:
+        """Tell ``observer`` about every request that starts from now on, once it ends
+        (:meth:`Observer.request_finished`). Adding one twice changes nothing."""
+        if not callable(getattr(observer, "request_finished", None)):
+            raise ValidationError(
+                f"An observer needs a request_finished(record) method, which {observer!r} lacks."
+            )
+        if observer not in self._observers:
+            self._set_observers((*self._observers, observer))
+
+    def remove_observer(self, observer: Observer) -> None:
+        """Stop telling ``observer`` (requests already under way still do)."""
+        self._set_observers(tuple(o for o in self._observers if o is not observer))
+
+    def _set_observers(self, observers: tuple[Observer, ...]) -> None:
+        self._observers = observers
+        self._observer = Observers(observers) if observers else None
 
     # -- selection -----------------------------------------------------------
 
@@ -470,7 +503,7 @@ class AsyncCortex:
         check_args("chat", args, CHAT_ARGS)
         call = self._prepare(prompt, model, args)
         if stream:
-            return await self._open(call, [])
+            return await self._stream(call)
         return (await self._collect(call)).partial_text
 
     # -- generate ------------------------------------------------------------
@@ -536,7 +569,7 @@ class AsyncCortex:
         )
         call = self._plan(body, model, args, GENERATE_PATH)
         if stream:
-            return await self._open(call, [])
+            return await self._stream(call)
         return (await self._collect(call)).partial_text
 
     # -- embed ---------------------------------------------------------------
@@ -593,24 +626,38 @@ class AsyncCortex:
         done: list[Batch] = []
         failure: list[BaseException] = []
         slots = anyio.Semaphore(limit)
+        attempts: list[Attempt] = []  # of every batch
+        started = time.perf_counter()
 
         async def run(start: int, part: list[str]) -> None:
             async with slots:
+                tried: list[Attempt] = []
                 try:
                     sent = _Batch(start, part)
-                    done.append(await self._route(call, [], sent.attempt(self)))
+                    done.append(await self._route(call, tried, sent.attempt(self)))
                 except Exception as exc:  # the first failure ends the call, raised below
                     if not failure:
                         failure.append(exc)
                     tg.cancel_scope.cancel()
+                finally:
+                    attempts.extend(tried)
 
-        with _total_deadline(call.deadline, call.timeout):
-            async with anyio.create_task_group() as tg:
-                for start, part in batches:
-                    tg.start_soon(run, start, part)
-        if failure:
-            raise failure[0]
-        return assemble(model, done, len(texts))
+        try:
+            with _total_deadline(call.deadline, call.timeout):
+                async with anyio.create_task_group() as tg:
+                    for start, part in batches:
+                        tg.start_soon(run, start, part)
+            if failure:
+                raise failure[0]
+            result = assemble(model, done, len(texts))
+        except BaseException as exc:
+            self._finished(call, started, exc, attempts=attempts)
+            raise
+        if self._observer is not None:
+            stats = Stats(prompt_tokens=result.prompt_tokens, load_duration=result.load_duration)
+            server = ", ".join(result.servers)
+            self._finished(call, started, None, server=server, stats=stats, attempts=attempts)
+        return result
 
     async def _embed_attempt(self, url: str, call: _Call, start: int, texts: list[str]) -> Batch:
         """Embed one batch on ``url``; raises :class:`_Failed` as a chat attempt does."""
@@ -720,25 +767,88 @@ class AsyncCortex:
         that breaks midway is retried on the next server; when none is left,
         :class:`ServerError` lists every server and why it failed."""
         attempts: list[Attempt] = []
-        while True:
-            stream = await self._open(call, attempts)
-            try:
-                await stream.text()
-                return stream
-            except StreamError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, CortexTimeoutError) and cause.phase == "total":
-                    raise cause from None
-                # Nothing reached the caller: the reason, not the advice about partial text.
-                attempts.append(
-                    Attempt(stream.server, f"broke mid-answer ({exc.reason or exc})", "failed")
-                )
-            finally:
-                await stream.aclose()
+        started = time.perf_counter()
+        first: float | None = None
+        try:
+            while True:
+                stream = await self._open(call, attempts)
+                first = time.perf_counter() - started
+                try:
+                    await stream.text()
+                    break
+                except StreamError as exc:
+                    cause = exc.__cause__
+                    if isinstance(cause, CortexTimeoutError) and cause.phase == "total":
+                        raise cause from None
+                    # Nothing reached the caller: the reason, not the advice about partial text.
+                    attempts.append(
+                        Attempt(stream.server, f"broke mid-answer ({exc.reason or exc})", "failed")
+                    )
+                finally:
+                    await stream.aclose()
+        except BaseException as exc:
+            self._finished(call, started, exc, attempts=attempts)
+            raise
+        self._finished(
+            call,
+            started,
+            None,
+            server=stream.server,
+            first_token=first,
+            stats=stream.stats,
+            attempts=attempts,
+        )
+        return stream
 
     async def _open(self, call: _Call, attempts: list[Attempt]) -> AsyncStream:
         """Route the chat and start it on the first server that answers."""
         return await self._route(call, attempts, self._attempt)
+
+    async def _stream(self, call: _Call) -> AsyncStream:
+        """Start a streamed request for the caller; its record (if anyone is told) is
+        made when the stream is released."""
+        observer = self._observer
+        if observer is None:
+            return await self._open(call, [])
+        attempts: list[Attempt] = []
+        started = time.perf_counter()
+        try:
+            stream = await self._open(call, attempts)
+        except BaseException as exc:
+            self._finished(call, started, exc, attempts=attempts)
+            raise
+        first = time.perf_counter() - started
+        meter = Meter(observer, _KINDS[call.path], call.model, started, first, attempts)
+        stream._meter = meter  # pyright: ignore[reportPrivateUsage]
+        return stream
+
+    def _finished(
+        self,
+        call: _Call,
+        started: float,
+        exc: BaseException | None,
+        *,
+        server: str = "",
+        first_token: float | None = None,
+        stats: Stats | None = None,
+        attempts: Sequence[Attempt] = (),
+    ) -> None:
+        """Tell the observers that ``call`` ended: well, or with ``exc``."""
+        observer = self._observer
+        if observer is None:
+            return
+        outcome = "ok" if exc is None else outcome_of(exc, anyio.get_cancelled_exc_class())
+        record = RequestRecord(
+            _KINDS[call.path],
+            call.model,
+            server,
+            outcome,
+            time.perf_counter() - started,
+            first_token,
+            stats,
+            tuple(attempts),
+        )
+        observer.request_finished(record)
 
     async def _route(
         self,
@@ -1131,7 +1241,7 @@ def router_of(cortex: AsyncCortex) -> Router:
 
 async def open_call(cortex: AsyncCortex, call: _Call) -> AsyncStream:
     """Start a planned request; returns once its first token has arrived."""
-    return await cortex._open(call, [])  # pyright: ignore[reportPrivateUsage]
+    return await cortex._stream(call)  # pyright: ignore[reportPrivateUsage]
 
 
 async def collect_call(cortex: AsyncCortex, call: _Call) -> AsyncStream:

@@ -117,6 +117,15 @@ class ProxySettings(_Section):
     allowed_origins: list[str] | None = None
     allowed_hosts: list[str] | None = None
     body_timeout: float | None = Field(default=None, gt=0)
+    access_log: bool = True
+    log_format: Literal["text", "json"] = "text"
+
+
+class MetricsSettings(_Section):
+    """``[metrics]``: Prometheus metrics at ``GET /metrics``."""
+
+    enabled: bool = True
+    open: bool = False  # served without an API key
 
 
 class Settings(_Section):
@@ -129,6 +138,7 @@ class Settings(_Section):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @field_validator("servers", mode="before")
     @classmethod
@@ -182,6 +192,10 @@ ENVIRONMENT: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("proxy.allowed_origins", "AICORTEX_ALLOWED_ORIGINS", _words),
     ("proxy.allowed_hosts", "AICORTEX_ALLOWED_HOSTS", _words),
     ("proxy.body_timeout", "AICORTEX_BODY_TIMEOUT", str.strip),
+    ("proxy.access_log", "AICORTEX_ACCESS_LOG", str.strip),
+    ("proxy.log_format", "AICORTEX_LOG_FORMAT", lambda v: v.strip().lower()),
+    ("metrics.enabled", "AICORTEX_METRICS", str.strip),
+    ("metrics.open", "AICORTEX_METRICS_OPEN", str.strip),
 )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
@@ -18,6 +19,7 @@ from pydantic_core import from_json
 from ._events import EventType, Stats, StreamEvent, ToolCall
 from ._exceptions import PARTIAL_TEXT_ADVICE, CortexTimeoutError, StreamError
 from ._idle import IdleWatch
+from ._metrics import Meter, Outcome
 from ._openai import SSETranslator
 from ._protocol import BadChunk, decode_line, stats_from_chunk, tool_calls_from_message
 from ._routing import FailureKind
@@ -150,6 +152,7 @@ class AsyncStream:
         self._done_reason: str | None = None
         self._released = False
         self._first: dict[str, Any] | None = None
+        self._meter: Meter | None = None  # the request's record, made when released
 
     # -- public surface ------------------------------------------------------
 
@@ -568,6 +571,20 @@ class AsyncStream:
         finally:
             if self._lease is not None:
                 self._lease.release(completed=drain)
+            if self._meter is not None:
+                self._meter.ended(
+                    self._server, self._outcome(drain), self._stats, time.perf_counter()
+                )
+                self._meter = None
+
+    def _outcome(self, completed: bool) -> Outcome:
+        """How the request ended, for its record: read to its end, broken, or left."""
+        if completed:
+            return "ok"
+        error = self._error
+        if error is None:
+            return "client_gone"
+        return "timeout" if isinstance(error.__cause__, CortexTimeoutError) else "error"
 
 
 def final_chunk(stream: AsyncStream) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import queue
 import threading
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
 from os import PathLike
 from types import TracebackType
@@ -42,6 +42,7 @@ from ._embed import EmbedResult
 from ._events import Stats, StreamEvent, ToolCall
 from ._exceptions import StreamError
 from ._health import ServerInfo
+from ._metrics import Observer
 from ._pools import HttpChoice, TransportName
 from ._pull import PullProgress, PullStream
 from ._routing import Server, ServerState, Strategy
@@ -91,7 +92,8 @@ class Cortex:
     Safe to share between threads; use it as a context manager or call
     :meth:`close`. ``backend`` picks the event loop that runs it in the background
     (``"asyncio"`` or ``"trio"``); ``routing``, ``http``, ``limits``,
-    ``max_connections`` and ``max_line_size`` are :class:`~aicortex.AsyncCortex`'s::
+    ``max_connections``, ``max_line_size`` and ``observers`` are
+    :class:`~aicortex.AsyncCortex`'s (observers are told in the background thread)::
 
         with Cortex(servers=["http://gpu-box:11434"]) as cortex:
             print(cortex.chat("Why is the sky blue?", model="llama3.2:3b"))
@@ -113,6 +115,7 @@ class Cortex:
         limits: httpx.Limits | None = None,
         max_connections: int | None = None,
         max_line_size: int = DEFAULT_MAX_LINE,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self._async = AsyncCortex(
             servers,
@@ -127,6 +130,7 @@ class Cortex:
             limits=limits,
             max_connections=max_connections,
             max_line_size=max_line_size,
+            observers=observers,
         )
         self._lock = threading.Lock()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
@@ -232,6 +236,19 @@ class Cortex:
     def catalog(self) -> Catalog:
         """The model catalog this client uses."""
         return self._async.catalog
+
+    @property
+    def observers(self) -> tuple[Observer, ...]:
+        """The observers told about each finished request."""
+        return self._async.observers
+
+    def add_observer(self, observer: Observer) -> None:
+        """:meth:`AsyncCortex.add_observer`; it is told in this client's background thread."""
+        self._async.add_observer(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        """:meth:`AsyncCortex.remove_observer`."""
+        self._async.remove_observer(observer)
 
     # -- chat ----------------------------------------------------------------
 

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -484,9 +484,16 @@ PROXY_MAIN = (
 
 class ServeProcess:
     """``aicortex serve`` in a process of its own, with the aicortex of ``src`` (a
-    directory holding ``aicortex/``) or, when ``src`` is None, the installed one."""
+    directory holding ``aicortex/``) or, when ``src`` is None, the installed one;
+    ``options`` go after the command's own (a later ``--log-level`` wins)."""
 
-    def __init__(self, label: str, upstream: str, src: pathlib.Path | None) -> None:
+    def __init__(
+        self,
+        label: str,
+        upstream: str,
+        src: pathlib.Path | None,
+        options: Sequence[str] = (),
+    ) -> None:
         self.label = label
         self.src = src
         self.port = free_port()
@@ -501,6 +508,7 @@ class ServeProcess:
         self.imported = pathlib.Path()
         command = [sys.executable, "-c", PROXY_MAIN, "serve", "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--server", upstream, "--log-level", "warning"]
+        command += options
         self.process = subprocess.Popen(
             command,
             env=env,

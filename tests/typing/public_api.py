@@ -202,3 +202,31 @@ async def use_generate_and_embed() -> None:
     module_vectors: aicortex.EmbedResult = aicortex.embed("x", batch_size=32)
     args: aicortex.GenerateArgs = {"suffix": "x", "raw": False}
     del module_text, module_vectors, args
+
+
+class Slow(aicortex.Observer):
+    def request_finished(self, record: aicortex.RequestRecord) -> None:
+        first: float | None = record.first_token
+        seconds: float = record.duration
+        outcome: Literal["ok", "error", "timeout", "model_missing", "invalid", "client_gone"]
+        outcome = record.outcome
+        kind: Literal["chat", "generate", "embed"] = record.kind
+        stats: Stats | None = record.stats
+        attempts: tuple[Attempt, ...] = record.attempts
+        print(first, seconds, outcome, kind, stats, attempts, record.model, record.server)
+
+
+async def use_observers_and_the_collector() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    async with AsyncCortex(observers=[Slow()]) as cortex:
+        collector = aicortex.CortexCollector(cortex)
+        registry.register(collector)
+        cortex.add_observer(Slow())
+        watching: tuple[aicortex.Observer, ...] = cortex.observers
+        collector.close()
+        del watching
+    with Cortex(observers=(Slow(),)) as blocking:
+        registry.register(aicortex.CortexCollector(blocking))
+        blocking.remove_observer(blocking.observers[0])

@@ -25,7 +25,7 @@ from .._embed import EmbedResult
 from .._exceptions import ValidationError
 from .._pools import HttpChoice
 from .._protocol import embed_inputs, model_key
-from .._routing import Server, Strategy
+from .._routing import Server, ServerState, Strategy
 from ._auth import KeyChecker, load_keys
 from ._browser import HostPolicy, OriginPolicy, load_hosts, load_origins
 from ._drain import Drain, Draining
@@ -43,6 +43,7 @@ from ._gateway import (
     send_json,
 )
 from ._handle import CortexHandle, Endpoint
+from ._observe import LogFormat, Observe, RecordTaker
 from ._ollama import native_routes
 from ._schema import decode_json, parse_chat_request
 from ._streaming import SSEResponse, collect, open_stream, unless_disconnected
@@ -323,6 +324,10 @@ def create_app(
     allowed_origins: Iterable[str] | None = None,
     allowed_hosts: Iterable[str] | None = None,
     body_timeout: float | None = None,
+    metrics: bool = True,
+    metrics_open: bool = False,
+    access_log: bool = True,
+    log_format: LogFormat = "text",
 ) -> Starlette:
     """An ASGI app that serves OpenAI's API and Ollama's in front of one or many servers.
 
@@ -334,7 +339,16 @@ def create_app(
     that names ``aicortex pull``, unless ``allow_management`` is set: then
     ``POST /api/pull`` pulls onto every server at once (the progress of each streamed)
     and ``DELETE /api/delete`` deletes from every server. And ``GET /health``
-    (liveness) and ``GET /ready`` (200 when an upstream is up).
+    (liveness), ``GET /ready`` (200 when an upstream is up) and ``GET /metrics``.
+
+    ``metrics`` (default on; False: no route, no cost): ``GET /metrics`` serves
+    Prometheus metrics of every request and server (see the README), behind the API keys
+    unless ``metrics_open``. With ``PROMETHEUS_MULTIPROC_DIR`` set before the process
+    starts, ``prometheus_client``'s multiprocess mode adds up every worker process's.
+    ``access_log`` (default on): one line per request on the logger ``aicortex.access``
+    at INFO, as ``key=value`` pairs or with ``log_format="json"`` a JSON object; it
+    never holds a key, a prompt or an answer. A cortex passed in gets an observer added
+    for both (see :meth:`AsyncCortex.add_observer`).
 
     ``cortex``: the :class:`~aicortex.AsyncCortex` to use; the app never closes it.
     Without one, the app creates ``AsyncCortex(servers, timeout=timeout)`` on its
@@ -394,7 +408,20 @@ def create_app(
             "Pass servers=, timeout=, http=, max_connections=, routing= and health_ttl= "
             "to the AsyncCortex, not to create_app()."
         )
-    handle = CortexHandle(cortex, servers, timeout, http, max_connections, routing, health_ttl)
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', not {log_format!r}.")
+    # The cortex's records reach the request that made them, for the metrics and the log.
+    taker = RecordTaker() if metrics or access_log else None
+    handle = CortexHandle(
+        cortex,
+        servers,
+        timeout,
+        http,
+        max_connections,
+        routing,
+        health_ttl,
+        observers=() if taker is None else (taker,),
+    )
     grace = cast(object, shutdown_grace)
     if grace is not None and (
         isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0
@@ -405,41 +432,71 @@ def create_app(
     drain = Drain(shutdown_grace)
     started = int(time.time())
     models = _Models(handle, max_body_size, started)
+    routes = [
+        Route(
+            "/v1/chat/completions",
+            _ChatCompletions(handle, max_body_size, started),
+            methods=["POST"],
+        ),
+        Route("/v1/embeddings", _Embeddings(handle, max_body_size, started), methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", models, methods=["GET"]),
+        Route("/health", _health, methods=["GET"]),
+        Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
+        *native_routes(handle, max_body_size, started, allow_management=allow_management),
+    ]
+    prometheus = None
+    if metrics:
+        from ._prom import MetricsRoute, proxy_metrics
+
+        def states() -> list[ServerState]:
+            return handle.cortex.server_states()
+
+        prometheus = proxy_metrics(states)
+        routes.append(Route("/metrics", MetricsRoute(prometheus, states), methods=["GET"]))
+    open_paths = ("/health", "/metrics") if metrics and metrics_open else ("/health",)
+    middleware = [
+        Middleware(
+            Gateway,
+            keys=keys,
+            origins=origins,
+            hosts=hosts,
+            body_timeout=body_limit,
+            open_paths=open_paths,
+        ),
+    ]
+    if shutdown_grace is not None:
+        middleware.append(Middleware(Draining, drain=drain))
+    if taker is not None:
+        log = log_format if access_log else None
+        observe = Middleware(Observe, metrics=prometheus, log_format=log, routes=routes)
+        middleware.insert(0, observe)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncGenerator[None]:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_sweep, handle)
-                yield
-                tg.cancel_scope.cancel()
+                if prometheus is not None and prometheus.multiprocess:
+                    # Each worker writes its view of the fleet for the others' scrapes.
+                    tg.start_soon(prometheus.keep_fleet_written, states)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+                    if prometheus is not None and prometheus.multiprocess:
+                        prometheus.worker_done()
         finally:
             await handle.aclose()
 
     app = Starlette(
-        routes=[
-            Route(
-                "/v1/chat/completions",
-                _ChatCompletions(handle, max_body_size, started),
-                methods=["POST"],
-            ),
-            Route("/v1/embeddings", _Embeddings(handle, max_body_size, started), methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/models/{model:path}", models, methods=["GET"]),
-            Route("/health", _health, methods=["GET"]),
-            Route("/ready", _Ready(handle, max_body_size, started), methods=["GET"]),
-            *native_routes(handle, max_body_size, started, allow_management=allow_management),
-        ],
-        middleware=[
-            Middleware(Gateway, keys=keys, origins=origins, hosts=hosts, body_timeout=body_limit),
-            Middleware(Draining, drain=drain),
-        ],
+        routes=routes,
+        middleware=middleware,
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.state.aicortex = handle
     app.state.aicortex_keys = keys
-    app.state.aicortex_drain = drain
     return app
 
 

@@ -124,12 +124,14 @@ class Gateway:
         origins: OriginPolicy | None = None,
         hosts: HostPolicy | None = None,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        open_paths: Iterable[str] = ("/health",),
     ) -> None:
         self.app = app
         self.keys = keys
         self.origins = origins or OriginPolicy()
         self.hosts = hosts or HostPolicy()
         self.body_timeout = body_timeout
+        self.open_paths = frozenset(open_paths)  # served without a key
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,7 +190,7 @@ class Gateway:
                     await send({"type": "http.response.start", "status": 204, "headers": headers})
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
-            if self.keys.enabled and path != "/health":
+            if self.keys.enabled and path not in self.open_paths:
                 self.keys.check(_header(scope, b"authorization"))
             await self.app(scope, receive, send_with_id)
         except Exception as exc:

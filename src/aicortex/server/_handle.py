@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from .._client import AsyncCortex
 from .._config import DEFAULT_HEALTH_TTL, Timeout
+from .._metrics import Observer
 from .._pools import HttpChoice, connection_limits, http_choice
 from .._routing import Server, Strategy, routing_choice
 
@@ -15,6 +16,7 @@ __all__ = ["CortexHandle", "Endpoint"]
 class CortexHandle:
     """The :class:`AsyncCortex` behind an app: the one passed in, or one made on first use.
 
+    ``observers`` are added to that cortex (to one passed in, at once).
     ``app.state.aicortex`` is this handle. A cortex the app created itself is closed by
     :meth:`aclose` (the app's lifespan calls it at shutdown); a cortex passed in is
     never closed by the app.
@@ -29,6 +31,7 @@ class CortexHandle:
         max_connections: int | None = None,
         routing: Strategy | None = None,
         health_ttl: float | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self._cortex = cortex
         self._servers = servers
@@ -38,9 +41,13 @@ class CortexHandle:
         self._routing: Strategy = routing_choice(routing)
         self._http: HttpChoice = http_choice(http)
         self._limits = connection_limits(None, max_connections)
+        self._observers = tuple(observers)
         self.owned = cortex is None
         # Cortexes replaced by reconfigure(): closed once their requests have ended.
         self._retired: list[AsyncCortex] = []
+        if cortex is not None:
+            for observer in self._observers:
+                cortex.add_observer(observer)
 
     @property
     def cortex(self) -> AsyncCortex:
@@ -57,6 +64,7 @@ class CortexHandle:
                 routing=self._routing,
                 http=self._http,
                 limits=self._limits,
+                observers=self._observers,
             )
         return cortex
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._exceptions import ValidationError
 
@@ -23,7 +25,14 @@ if TYPE_CHECKING:
     from .._settings import Settings
 from .._routing import Server, Strategy
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "add_serve_arguments", "run_serve", "serve"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "add_serve_arguments",
+    "configure_access_log",
+    "run_serve",
+    "serve",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -46,6 +55,10 @@ def serve(
     allowed_origins: Sequence[str] | None = None,
     allowed_hosts: Sequence[str] | None = None,
     body_timeout: float | None = None,
+    metrics: bool = True,
+    metrics_open: bool = False,
+    access_log: bool = True,
+    log_format: Literal["text", "json"] = "text",
 ) -> None:
     """Serve the proxy (OpenAI's API and Ollama's) with uvicorn until interrupted (Ctrl-C).
 
@@ -53,10 +66,12 @@ def serve(
     with API keys (``api_key_file`` or ``AICORTEX_API_KEYS``). ``routing``, ``http``,
     ``max_connections``, ``timeout`` and ``health_ttl`` are :class:`~aicortex.AsyncCortex`'s;
     ``allow_management`` lets Ollama clients pull models onto (and delete them from)
-    every server. ``allowed_origins``, ``allowed_hosts`` and ``body_timeout`` are
+    every server. ``allowed_origins``, ``allowed_hosts``, ``body_timeout``,
+    ``metrics``, ``metrics_open``, ``access_log`` and ``log_format`` are
     :func:`~aicortex.server.create_app`'s (None: their environment variables, else the
-    defaults). uvicorn's own limits stay its defaults (an idle keep-alive connection
-    is closed after 5 s).
+    defaults). The access log goes to stderr, one line per request (instead of
+    uvicorn's own), unless ``log_level`` is above ``info``. uvicorn's own limits stay
+    its defaults (an idle keep-alive connection is closed after 5 s).
     """
     try:
         import uvicorn
@@ -79,8 +94,41 @@ def serve(
         allowed_origins=None if allowed_origins is None else list(allowed_origins),
         allowed_hosts=None if allowed_hosts is None else list(allowed_hosts),
         body_timeout=body_timeout,
+        metrics=metrics,
+        metrics_open=metrics_open,
+        access_log=access_log,
+        log_format=log_format,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on")
+    if access_log:
+        configure_access_log(log_format, log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on", access_log=False)
+
+
+_HANDLER_NAME = "aicortex-serve"
+_LEVELS = {
+    "critical": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": logging.DEBUG,
+}
+
+
+def configure_access_log(log_format: Literal["text", "json"], log_level: str = "info") -> None:
+    """Send the ``aicortex.access`` lines to stderr: after a timestamp, or as they are
+    (JSON lines carry their own ``time``). Lines are INFO records, so a ``log_level``
+    above ``info`` hides them."""
+    logger = logging.getLogger("aicortex.access")
+    for old in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    form = "%(message)s" if log_format == "json" else "%(asctime)s %(message)s"
+    handler.setFormatter(logging.Formatter(form))
+    logger.addHandler(handler)
+    logger.setLevel(_LEVELS.get(log_level.lower(), logging.INFO))
+    logger.propagate = False  # one line per request, whatever the root logger has
 
 
 def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
@@ -104,7 +152,14 @@ def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
     # uvicorn's own limit comes after ours, so that the answers still running at the
     # end of the grace period get their error frame before uvicorn cancels them.
     graceful = math.ceil(proxy.grace + _FRAME_TIME)
+    if proxy.access_log:
+        configure_access_log(proxy.log_format, log_level)
     if proxy.workers > 1:
+        if settings.metrics.enabled and not os.environ.get(MULTIPROC_DIR):
+            # The workers' counters add up in files of one folder, for as long as it runs.
+            scratch = tempfile.TemporaryDirectory(prefix="aicortex-metrics-")
+            os.environ[MULTIPROC_DIR] = scratch.name
+        os.environ[WORKER_LOG_LEVEL] = log_level
         uvicorn.run(
             "aicortex.server._run:worker_app",
             factory=True,
@@ -114,6 +169,7 @@ def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
             log_level=log_level,
             lifespan="on",
             timeout_graceful_shutdown=graceful,
+            access_log=False,
         )
         return
     app = _make_app(settings)
@@ -155,11 +211,14 @@ def _serve_settings(load: Callable[[], Settings], log_level: str) -> None:
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=graceful,
+        access_log=False,
     )
 
 
 _FRAME_TIME = 5.0  # seconds, past the grace period, to write the last error frames
 WORKER_SETTINGS = "AICORTEX_SERVE_SETTINGS"  # how `serve --workers` tells its workers
+WORKER_LOG_LEVEL = "AICORTEX_SERVE_LOG_LEVEL"
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's, for several processes
 
 
 def _make_app(settings: Settings) -> Any:
@@ -174,6 +233,10 @@ def _make_app(settings: Settings) -> Any:
         allowed_origins=proxy.allowed_origins,
         allowed_hosts=proxy.allowed_hosts,
         body_timeout=proxy.body_timeout,
+        metrics=settings.metrics.enabled,
+        metrics_open=settings.metrics.open,
+        access_log=proxy.access_log,
+        log_format=proxy.log_format,
         **_client_options(settings),
     )
 
@@ -187,9 +250,11 @@ def worker_app() -> Any:
     from .._settings import load_settings
 
     told = json.loads(os.environ[WORKER_SETTINGS])
-    return _make_app(
-        load_settings(told["config"], overrides=told["flags"], labels=told["labels"]).settings
-    )
+    settings = load_settings(told["config"], overrides=told["flags"], labels=told["labels"])
+    if settings.settings.proxy.access_log:
+        log_format = settings.settings.proxy.log_format
+        configure_access_log(log_format, os.environ.get(WORKER_LOG_LEVEL, "info"))
+    return _make_app(settings.settings)
 
 
 class Stopped(Exception):
@@ -352,7 +417,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn's log level (default: info)",
+        help="uvicorn's log level, and the access log's: above info hides it (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="the access log on stderr, one line per request: key=value pairs after a "
+        "timestamp, or JSON objects (default: text)",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="write no access log",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="serve no GET /metrics (Prometheus metrics, on by default)",
+    )
+    parser.add_argument(
+        "--metrics-open",
+        action="store_true",
+        help="serve GET /metrics without an API key even when keys are required",
     )
 
 
@@ -368,6 +456,9 @@ _FLAGS = {
     "timeouts.probe": "--probe-timeout",
     "proxy.allowed_origins": "--allowed-origin",
     "proxy.allowed_hosts": "--allowed-host",
+    "proxy.access_log": "--no-access-log",
+    "metrics.enabled": "--no-metrics",
+    "metrics.open": "--metrics-open",
 }
 
 
@@ -393,6 +484,10 @@ def run_serve(args: argparse.Namespace) -> int:
         "proxy.allowed_origins": _listed(getattr(args, "allowed_origins", None)),
         "proxy.allowed_hosts": _listed(getattr(args, "allowed_hosts", None)),
         "proxy.body_timeout": getattr(args, "body_timeout", None),
+        "proxy.log_format": getattr(args, "log_format", None),
+        "proxy.access_log": False if getattr(args, "access_log", True) is False else None,
+        "metrics.enabled": False if getattr(args, "metrics", True) is False else None,
+        "metrics.open": True if getattr(args, "metrics_open", False) else None,
         "http": getattr(args, "http", None),
         "max_connections": getattr(args, "max_connections", None),
         "routing.strategy": getattr(args, "routing", None),
