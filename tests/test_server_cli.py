@@ -436,3 +436,39 @@ def test_serve_refuses_a_bad_browser_setting_before_listening(
     result = serve_command(*option)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_workers_add_up_their_metrics(
+    run_proxy: type[Proxy], fake_ollama: FakeOllamaFactory
+) -> None:
+    """With --workers 2 (and no PROMETHEUS_MULTIPROC_DIR of one's own), a scrape of
+    either worker counts the requests both served."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = fake_ollama(chat=reply(["counted"]))
+    env_dir = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    try:
+        proxy = run_proxy("--server", server.url, "--workers", "2")
+    finally:
+        if env_dir is not None:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = env_dir
+    proxy.wait_until_up()
+    sent = 12
+    for _ in range(sent):
+        # A new connection each time, so that both workers get some.
+        answer = httpx.post(proxy.url + "/v1/chat/completions", json=HI, timeout=10)
+        assert answer.status_code == 200
+    for _ in range(3):  # whichever worker answers the scrape
+        text = httpx.get(proxy.url + "/metrics", timeout=10).text
+        total = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "aicortex_requests"
+            for sample in family.samples
+            if sample.name == "aicortex_requests_total"
+            and sample.labels.get("route") == "/v1/chat/completions"
+            and sample.labels.get("outcome") == "ok"
+        )
+        assert total == sent
+    code, err = proxy.stop()
+    assert code == 0, err
