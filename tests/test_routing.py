@@ -16,6 +16,7 @@ from aicortex._routing import (
     FULL,
     MODEL,
     Breaker,
+    Ejection,
     Fleet,
     backoff,
     rendezvous,
@@ -106,6 +107,34 @@ def test_other_server_failures_eject_after_three_in_a_row() -> None:
         assert fleet.pick([A, B], M, 0.0) == A
     assert fleet.failed(A, "failed", "HTTP 502", 0.0)
     assert fleet.pick([A, B], M, 0.0) == B
+
+
+def test_the_ejection_rules_can_be_set() -> None:
+    """One failure ejects, for 2 s, doubling up to 5 s; a model on a server that works
+    follows the same rules."""
+    fleet = Fleet(60.0, (), Ejection(failures=1, first=2.0, max=5.0))
+    for url in (A, B):
+        probed(fleet, url)
+    assert fleet.failed(A, "failed", "HTTP 502", 0.0)
+    assert fleet.hold(A, M, 0.0) == (DOWN, 2.0)
+    assert fleet.node(A).breaker.fail(10.0, "again", policy=fleet.ejection)
+    assert fleet.node(A).breaker.until == 14.0
+    assert fleet.node(A).breaker.fail(20.0, "again", policy=fleet.ejection)
+    assert fleet.node(A).breaker.until == 25.0  # 8 s, capped at 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"failures": 0}, "Ejection.failures must be a whole number >= 1"),
+        ({"first": 0}, "Ejection.first must be a positive number"),
+        ({"max": "30"}, "Ejection.max must be a positive number"),
+        ({"first": 10, "max": 5}, "must not be shorter than Ejection.first"),
+    ],
+)
+def test_bad_ejection_rules_are_refused(args: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Ejection(**args)  # type: ignore[arg-type]
 
 
 def test_when_the_ejection_ends_the_server_is_probed_alongside_not_before() -> None:

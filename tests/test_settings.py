@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from aicortex import AsyncCortex, Cortex, Server, Timeout, ValidationError
+from aicortex import AsyncCortex, Cortex, Ejection, Server, Timeout, ValidationError
 from aicortex._cli import main
+from aicortex._client import router_of
 from aicortex._settings import config_path, load_settings, user_config_file
 
 EXAMPLE = """
@@ -244,3 +245,14 @@ def test_a_server_entry_becomes_a_server() -> None:
         env={},
     ).settings
     assert settings.servers[0].server() == Server("http://x:8000", api="openai", max_concurrency=4)
+
+
+def test_ejection_settings_reach_the_client(tmp_path: Path) -> None:
+    path = write(tmp_path, "[routing]\nfailures_to_eject = 1\neject_first = 2\neject_max = 8\n")
+    resolved = load_settings(path, env={"AICORTEX_EJECT_MAX": "16"})
+    assert resolved.settings.routing.ejection() == Ejection(failures=1, first=2, max=16)
+    with Cortex.from_config(path) as cortex:
+        assert router_of(cortex._async).fleet.ejection == Ejection(1, 2.0, 8.0)  # pyright: ignore[reportPrivateUsage]
+    bad = write(tmp_path, "[routing]\neject_first = 10\neject_max = 5\n", "bad.toml")
+    with pytest.raises(ValidationError, match=r"routing: Value error, eject_max \(5\) must not"):
+        load_settings(bad, env={})

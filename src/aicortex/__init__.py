@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from ._protocol import Message as Message
     from ._pull import PullProgress as PullProgress
     from ._pull import PullStream as PullStream
+    from ._routing import Ejection as Ejection
     from ._routing import Server as Server
     from ._routing import ServerState as ServerState
     from ._stream import AsyncStream as AsyncStream
@@ -94,6 +95,7 @@ _LAZY = {
     "RequestRecord": "_metrics",
     "PullProgress": "_pull",
     "PullStream": "_pull",
+    "Ejection": "_routing",
     "Server": "_routing",
     "ServerState": "_routing",
     "AsyncStream": "_stream",
@@ -112,6 +114,7 @@ __all__ = [
     "Cortex",
     "CortexCollector",
     "CortexTimeoutError",
+    "Ejection",
     "EmbedResult",
     "EventType",
     "GenerateArgs",

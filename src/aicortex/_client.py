@@ -68,10 +68,10 @@ from ._pull import PullStream
 from ._router import Lease, Router, describe_error, request_timeouts
 from ._routing import (
     DOWN,
-    FAILURES_TO_EJECT,
     FULL,
     MODEL,
     UNLISTED,
+    Ejection,
     FailureKind,
     Fleet,
     Server,
@@ -267,6 +267,9 @@ class AsyncCortex:
     ``max_line_size`` (default 8 MiB) is the longest NDJSON line accepted: a longer
     one fails the answer (before the first token, the next server is tried).
     ``observers`` are told how each request went, once it ended (see :class:`Observer`).
+    ``ejection`` (an :class:`Ejection`) says when a failing server or model is taken
+    out of the rotation and for how long (default: after 3 failures in a row, for 1 s
+    doubling up to 30 s).
     """
 
     def __init__(
@@ -285,8 +288,11 @@ class AsyncCortex:
         max_connections: int | None = None,
         max_line_size: int = DEFAULT_MAX_LINE,
         observers: Iterable[Observer] = (),
+        ejection: Ejection | None = None,
     ) -> None:
         configured = _as_servers(servers)
+        if ejection is not None and not isinstance(ejection, Ejection):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValidationError("ejection must be an aicortex.Ejection.")
         self._servers = [s.url for s in configured]
         self._routing: Strategy = routing_choice(routing)
         self._model = model
@@ -317,6 +323,7 @@ class AsyncCortex:
             http=http_choice(http),
             limits=connection_limits(limits, max_connections),
             servers=configured,
+            ejection=ejection,
         )
         self._observers: tuple[Observer, ...] = ()
         self._observer: Observers | None = None  # None: nobody to tell, nothing recorded
@@ -1305,7 +1312,7 @@ def _pair_reason(fleet: Fleet, url: str, key: str, until: float, now: float) -> 
     pair = fleet.node(url).pairs[key]
     return (
         f"model ejected here for {until - now:.1f}s more after failing "
-        f"{FAILURES_TO_EJECT} times in a row (last: {pair.reason})"
+        f"{fleet.ejection.failures} times in a row (last: {pair.reason})"
     )
 
 

@@ -18,7 +18,7 @@ from ._openai import MODELS_PATH as OPENAI_MODELS_PATH
 from ._openai import model_ids
 from ._pools import DEFAULT_LIMITS, HttpChoice, Pool, TransportName, make_pool, pick_transport
 from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH, error_text, model_key
-from ._routing import FailureKind, Fleet, Node, Server, Strategy
+from ._routing import Ejection, FailureKind, Fleet, Node, Server, Strategy
 from ._stream import current_loop, run_soon
 
 __all__ = ["Lease", "Router", "describe_error", "request_timeouts"]
@@ -104,9 +104,10 @@ class Router:
         http: HttpChoice = "auto",
         limits: httpx.Limits = DEFAULT_LIMITS,
         servers: Iterable[Server] = (),
+        ejection: Ejection | None = None,
     ) -> None:
         self.timeout = timeout
-        self.fleet = Fleet(health_ttl, servers)
+        self.fleet = Fleet(health_ttl, servers, ejection)
         self.http: HttpChoice = http
         self.limits = limits
         self._headers = dict(headers or {})

@@ -34,6 +34,7 @@ from ._protocol import model_key
 __all__ = [
     "STRATEGIES",
     "Breaker",
+    "Ejection",
     "Fleet",
     "Node",
     "Server",
@@ -131,6 +132,39 @@ class Server:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Ejection:
+    """When a failing server (or a model on it) is taken out of the rotation, and for
+    how long: after ``failures`` failures in a row (a connection failure ejects at
+    once), for ``first`` seconds, doubling with each ejection in a row up to ``max``.
+    While ejected it gets no traffic; it is probed before traffic returns to it."""
+
+    failures: int = FAILURES_TO_EJECT
+    first: float = EJECT_FIRST
+    max: float = EJECT_MAX
+
+    def __post_init__(self) -> None:
+        count = cast(object, self.failures)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValidationError(
+                f"Ejection.failures must be a whole number >= 1, not {self.failures!r}."
+            )
+        for name in ("first", "max"):
+            value = cast(object, getattr(self, name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValidationError(
+                    f"Ejection.{name} must be a positive number of seconds, not {value!r}."
+                )
+        if self.max < self.first:
+            raise ValidationError(
+                f"Ejection.max ({self.max:g}s) must not be shorter than Ejection.first "
+                f"({self.first:g}s)."
+            )
+
+
+_DEFAULT_EJECTION = Ejection()
+
+
 @dataclass(slots=True)
 class Breaker:
     """Failures in a row of a server, or of one model on it, and the ejection they led to."""
@@ -140,7 +174,14 @@ class Breaker:
     until: float = -math.inf  # ejected until then
     reason: str | None = None
 
-    def fail(self, now: float, reason: str, *, at_once: bool = False) -> bool:
+    def fail(
+        self,
+        now: float,
+        reason: str,
+        *,
+        at_once: bool = False,
+        policy: Ejection = _DEFAULT_EJECTION,
+    ) -> bool:
         """Count one failure; True when it ejects.
 
         After an ejection, and until a success, one failure is enough. Failures while
@@ -150,10 +191,10 @@ class Breaker:
         if self.until > now:
             return False
         self.failures += 1
-        if at_once or self.ejections or self.failures >= FAILURES_TO_EJECT:
+        if at_once or self.ejections or self.failures >= policy.failures:
             self.ejections += 1
             self.failures = 0
-            self.until = now + backoff(EJECT_FIRST, EJECT_MAX, self.ejections)
+            self.until = now + backoff(policy.first, policy.max, self.ejections)
             return True
         return False
 
@@ -243,8 +284,11 @@ class Fleet:
     weight and ``max_concurrency``.
     """
 
-    def __init__(self, ttl: float, options: Iterable[Server] = ()) -> None:
+    def __init__(
+        self, ttl: float, options: Iterable[Server] = (), ejection: Ejection | None = None
+    ) -> None:
         self.ttl = ttl
+        self.ejection = ejection if ejection is not None else _DEFAULT_EJECTION
         self.nodes: dict[str, Node] = {}
         self._options = {s.url: s for s in options}
         self._turn = 0
@@ -305,7 +349,7 @@ class Fleet:
             if pair is None:
                 pair = node.pairs[key] = Breaker()
                 node.names[key] = name
-            if pair.fail(now, reason):
+            if pair.fail(now, reason, policy=self.ejection):
                 ejected.append(name)
         return ejected
 
@@ -337,7 +381,9 @@ class Fleet:
                 node.suspect = True
                 node.pending.append((model, name or model, reason))
                 return False
-            ejected = node.breaker.fail(now, reason, at_once=kind == "unreachable")
+            ejected = node.breaker.fail(
+                now, reason, at_once=kind == "unreachable", policy=self.ejection
+            )
             if ejected:
                 node.suspect = True
                 node.error = reason

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticError
 
 from ._config import Timeout, split_servers
 from ._exceptions import ValidationError
-from ._routing import Server
+from ._routing import Ejection, Server
 
 __all__ = [
     "CONFIG_ENV",
@@ -80,6 +80,23 @@ class RoutingSettings(_Section):
 
     strategy: Literal["priority", "least_busy", "round_robin"] = "priority"
     health_ttl: float = Field(default=60.0, ge=0)
+    failures_to_eject: int = Field(default=3, ge=1)
+    eject_first: float = Field(default=1.0, gt=0)
+    eject_max: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _longest_after_first(self) -> RoutingSettings:
+        if self.eject_max < self.eject_first:
+            raise ValueError(
+                f"eject_max ({self.eject_max:g}) must not be shorter than eject_first "
+                f"({self.eject_first:g})"
+            )
+        return self
+
+    def ejection(self) -> Ejection:
+        """The ejection rules of these settings (an ``eject_max`` below ``eject_first``
+        raises :class:`aicortex.ValidationError`)."""
+        return Ejection(self.failures_to_eject, self.eject_first, self.eject_max)
 
 
 class TimeoutSettings(_Section):
@@ -156,6 +173,7 @@ class Settings(_Section):
             "routing": self.routing.strategy,
             "timeout": self.timeouts.timeout(),
             "health_ttl": self.routing.health_ttl,
+            "ejection": self.routing.ejection(),
             "http": self.http,
             "max_connections": self.max_connections,
         }
@@ -178,6 +196,9 @@ ENVIRONMENT: tuple[tuple[str, str, Callable[[str], object]], ...] = (
     ("max_connections", "AICORTEX_MAX_CONNECTIONS", str.strip),
     ("routing.strategy", "AICORTEX_ROUTING", str.strip),
     ("routing.health_ttl", "AICORTEX_HEALTH_TTL", str.strip),
+    ("routing.failures_to_eject", "AICORTEX_FAILURES_TO_EJECT", str.strip),
+    ("routing.eject_first", "AICORTEX_EJECT_FIRST", str.strip),
+    ("routing.eject_max", "AICORTEX_EJECT_MAX", str.strip),
     ("timeouts.connect", "AICORTEX_CONNECT_TIMEOUT", _optional_seconds),
     ("timeouts.first_token", "AICORTEX_FIRST_TOKEN_TIMEOUT", _optional_seconds),
     ("timeouts.idle", "AICORTEX_IDLE_TIMEOUT", _optional_seconds),

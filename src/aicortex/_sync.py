@@ -45,7 +45,7 @@ from ._health import ServerInfo
 from ._metrics import Observer
 from ._pools import HttpChoice, TransportName
 from ._pull import PullProgress, PullStream
-from ._routing import Server, ServerState, Strategy
+from ._routing import Ejection, Server, ServerState, Strategy
 from ._stream import DEFAULT_MAX_LINE, AsyncStream
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ class Cortex:
         max_connections: int | None = None,
         max_line_size: int = DEFAULT_MAX_LINE,
         observers: Iterable[Observer] = (),
+        ejection: Ejection | None = None,
     ) -> None:
         self._async = AsyncCortex(
             servers,
@@ -131,6 +132,7 @@ class Cortex:
             max_connections=max_connections,
             max_line_size=max_line_size,
             observers=observers,
+            ejection=ejection,
         )
         self._lock = threading.Lock()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()

@@ -25,7 +25,7 @@ from .._embed import EmbedResult
 from .._exceptions import ValidationError
 from .._pools import HttpChoice
 from .._protocol import embed_inputs, model_key
-from .._routing import Server, ServerState, Strategy
+from .._routing import Ejection, Server, ServerState, Strategy
 from ._auth import KeyChecker, load_keys
 from ._browser import HostPolicy, OriginPolicy, load_hosts, load_origins
 from ._drain import Drain, Draining
@@ -320,6 +320,7 @@ def create_app(
     routing: Strategy | None = None,
     allow_management: bool = False,
     health_ttl: float | None = None,
+    ejection: Ejection | None = None,
     shutdown_grace: float | None = None,
     allowed_origins: Iterable[str] | None = None,
     allowed_hosts: Iterable[str] | None = None,
@@ -358,7 +359,7 @@ def create_app(
     ``api_keys`` (else the lines of ``api_key_file``, else ``AICORTEX_API_KEYS``,
     comma-separated): when any key is set, every route but ``/health`` needs
     ``Authorization: Bearer <key>``. ``max_body_size``: larger bodies get 413.
-    ``routing``, ``http``, ``max_connections`` and ``health_ttl`` go to the
+    ``routing``, ``http``, ``max_connections``, ``health_ttl`` and ``ejection`` go to the
     ``AsyncCortex`` the app creates. ``allow_management``: serve Ollama's ``pull`` and
     ``delete`` (see above). ``shutdown_grace``: on SIGTERM or SIGINT (once the app has
     started, under uvicorn), answers running may take this many more seconds; the ones
@@ -402,10 +403,10 @@ def create_app(
     origins = OriginPolicy(load_origins(allowed_origins))
     hosts = HostPolicy(load_hosts(allowed_hosts))
     body_limit = _body_timeout(body_timeout)
-    own = (servers, timeout, http, max_connections, routing, health_ttl)
+    own = (servers, timeout, http, max_connections, routing, health_ttl, ejection)
     if cortex is not None and any(option is not None for option in own):
         raise ValueError(
-            "Pass servers=, timeout=, http=, max_connections=, routing= and health_ttl= "
+            "Pass servers=, timeout=, http=, max_connections=, routing=, health_ttl= and ejection= "
             "to the AsyncCortex, not to create_app()."
         )
     if log_format not in ("text", "json"):
@@ -420,6 +421,7 @@ def create_app(
         max_connections,
         routing,
         health_ttl,
+        ejection,
         observers=() if taker is None else (taker,),
     )
     grace = cast(object, shutdown_grace)

@@ -8,7 +8,7 @@ from .._client import AsyncCortex
 from .._config import DEFAULT_HEALTH_TTL, Timeout
 from .._metrics import Observer
 from .._pools import HttpChoice, connection_limits, http_choice
-from .._routing import Server, Strategy, routing_choice
+from .._routing import Ejection, Server, Strategy, routing_choice
 
 __all__ = ["CortexHandle", "Endpoint"]
 
@@ -31,12 +31,14 @@ class CortexHandle:
         max_connections: int | None = None,
         routing: Strategy | None = None,
         health_ttl: float | None = None,
+        ejection: Ejection | None = None,
         observers: Iterable[Observer] = (),
     ) -> None:
         self._cortex = cortex
         self._servers = servers
         self._timeout = timeout
         self._health_ttl = health_ttl
+        self._ejection = ejection
         # Checked now, so that a bad setting fails at start rather than on a first request.
         self._routing: Strategy = routing_choice(routing)
         self._http: HttpChoice = http_choice(http)
@@ -61,6 +63,7 @@ class CortexHandle:
                 fallback=not self._servers,
                 timeout=self._timeout,
                 health_ttl=DEFAULT_HEALTH_TTL if self._health_ttl is None else self._health_ttl,
+                ejection=self._ejection,
                 routing=self._routing,
                 http=self._http,
                 limits=self._limits,
@@ -81,6 +84,7 @@ class CortexHandle:
         max_connections: int | None = None,
         routing: Strategy | None = None,
         health_ttl: float | None = None,
+        ejection: Ejection | None = None,
     ) -> None:
         """New settings for the requests that start from now on. Requests already
         running finish on the cortex they started on, which :meth:`sweep` closes once
@@ -92,6 +96,7 @@ class CortexHandle:
         http_checked = http_choice(http)
         limits = connection_limits(None, max_connections)
         self._servers, self._timeout, self._health_ttl = servers, timeout, health_ttl
+        self._ejection = ejection
         self._routing, self._http, self._limits = routing_checked, http_checked, limits
         old, self._cortex = self._cortex, None
         if old is not None:

@@ -274,6 +274,7 @@ def _client_options(settings: Settings) -> dict[str, Any]:
         "max_connections": settings.max_connections,
         "routing": settings.routing.strategy,
         "health_ttl": settings.routing.health_ttl,
+        "ejection": settings.routing.ejection(),
     }
 
 
@@ -362,6 +363,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="SECONDS",
             help=f"limit on {what} (default: {default}; 0: none)",
         )
+    parser.add_argument(
+        "--failures-to-eject",
+        type=int,
+        metavar="N",
+        help="failures in a row that take a server (or a model on it) out of the rotation "
+        "(default: 3; a connection failure does at once)",
+    )
+    parser.add_argument(
+        "--eject-first",
+        type=float,
+        metavar="SECONDS",
+        help="how long a first ejection lasts (default: 1; it doubles with each one in a row)",
+    )
+    parser.add_argument(
+        "--eject-max",
+        type=float,
+        metavar="SECONDS",
+        help="the longest an ejection lasts (default: 30)",
+    )
     parser.add_argument(
         "--health-ttl",
         type=float,
@@ -492,6 +512,9 @@ def run_serve(args: argparse.Namespace) -> int:
         "max_connections": getattr(args, "max_connections", None),
         "routing.strategy": getattr(args, "routing", None),
         "routing.health_ttl": getattr(args, "health_ttl", None),
+        "routing.failures_to_eject": getattr(args, "failures_to_eject", None),
+        "routing.eject_first": getattr(args, "eject_first", None),
+        "routing.eject_max": getattr(args, "eject_max", None),
     }
     for name in ("connect", "first_token", "idle", "total", "probe"):
         flags[f"timeouts.{name}"] = getattr(args, f"{name}_timeout", None)
