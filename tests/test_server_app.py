@@ -691,7 +691,7 @@ def test_the_app_makes_its_cortex_with_the_transport_settings_given() -> None:
     cortex = handle.aicortex.cortex
     assert (cortex.http, cortex.limits.max_connections) == ("httpx", 3)
     assert cortex.routing == "least_busy"
-    with pytest.raises(ValueError, match="routing= and health_ttl= to the AsyncCortex"):
+    with pytest.raises(ValueError, match="health_ttl= and ejection= to the AsyncCortex"):
         create_app(AsyncCortex(), max_connections=3)
     with pytest.raises(ValidationError, match="http must be one of"):
         create_app(http="curl")  # type: ignore[arg-type]

@@ -104,7 +104,7 @@ def test_where_the_file_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             '[routing]\nstrateg = "least_busy"\n',
             {},
             "aicortex.toml: routing.strateg: unknown key; did you mean 'strategy'? "
-            "(known here: health_ttl, strategy)",
+            "(known here: eject_first, eject_max, failures_to_eject, health_ttl, strategy)",
         ),
         ('[routing]\nstrategy = "fastest"\n', {}, "routing.strategy: Input should be"),
         ('[timeouts]\nconnect = "soon"\n', {}, "timeouts.connect: Input should be a valid number"),

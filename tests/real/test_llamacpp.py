@@ -270,7 +270,10 @@ def test_the_proxy_serves_the_official_openai_client_from_the_real_server(
                 stream=True,
             )
         )
-        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 4
+        # Streamed, not one frame at the end; text that arrived while the client was
+        # still reading the last frame is merged into the next one (by design), so a
+        # loaded machine may see fewer frames than tokens.
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
         assert chunks[-1].choices[0].finish_reason == "length"
     finally:
         proxy.should_exit = True
