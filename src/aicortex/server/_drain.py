@@ -16,7 +16,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import anyio
@@ -140,14 +140,15 @@ class Draining:
         head: list[bytes] = []  # the content type, once the response has started
         ended = False
 
-        async def tracked(message: dict[str, Any]) -> None:
+        def tracked(message: dict[str, Any]) -> Awaitable[None]:
+            # Hands back send's own awaitable: no coroutine of its own per chunk.
             nonlocal ended
             if message["type"] == "http.response.start":
                 types = [v for k, v in message.get("headers", ()) if k.lower() == b"content-type"]
                 head.append(types[0] if types else b"")
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 ended = True
-            await send(message)
+            return send(message)
 
         with self.drain.scope() as cancel:
             await self.app(scope, receive, tracked)

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -178,13 +178,15 @@ class Observe:
         exchange = _Exchange()
         token = _CURRENT.set(exchange)
 
-        async def watched_send(message: dict[str, Any]) -> None:
+        # A plain function that hands back send's own awaitable: no coroutine of its
+        # own for each chunk of a stream.
+        def watched_send(message: dict[str, Any]) -> Awaitable[None]:
             kind = message["type"]
             if kind == "http.response.start":
                 exchange.status = message["status"]
             elif kind == "http.response.body" and not message.get("more_body", False):
                 exchange.complete = True
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, watched_send)
