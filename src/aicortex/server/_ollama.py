@@ -30,7 +30,7 @@ from ._gateway import ClientGone, Receive, Send, dumps, read_body, request_id, s
 from ._handle import CortexHandle, Endpoint
 from ._native import NativeWriter, model_entries
 from ._schema import decode_json
-from ._streaming import unless_disconnected
+from ._streaming import stream_response, unless_disconnected
 
 __all__ = ["OLLAMA_VERSION", "native_routes"]
 
@@ -167,17 +167,10 @@ class NDJSONResponse:
         self._request_id = request_id
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-            if await unless_disconnected(receive, lambda: self._relay(send)) is None:
-                logger.info(
-                    "[%s] the client went away; closing the upstream stream",
-                    self._request_id,
-                    extra={"request_id": self._request_id},
-                )
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
+        relay = self._relay
+        await stream_response(
+            self._stream, self._headers, self._request_id, receive, send, lambda: relay(send)
+        )
 
     async def _relay(self, send: Send) -> None:
         writer = self._writer

@@ -23,7 +23,7 @@ from ._errors import API_ERROR, error_body, stream_error_text
 from ._gateway import Receive, Send
 from ._translate import DONE, ChatCall, ChunkWriter, frame
 
-__all__ = ["SSEResponse", "collect", "open_stream", "unless_disconnected"]
+__all__ = ["SSEResponse", "collect", "open_stream", "stream_response", "unless_disconnected"]
 
 logger = logging.getLogger("aicortex.server")
 
@@ -164,6 +164,29 @@ async def collect(cortex: AsyncCortex, call: ChatCall) -> AsyncStream:
     )
 
 
+async def stream_response(
+    stream: AsyncStream,
+    headers: Sequence[tuple[bytes, bytes]],
+    request_id: str,
+    receive: Receive,
+    send: Send,
+    relay: Callable[[], Awaitable[None]],
+) -> None:
+    """Start a 200 answer with ``headers`` and ``relay()`` the stream's body into it,
+    unless the client leaves first; the upstream stream is closed however this ends."""
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if await unless_disconnected(receive, relay) is None:
+            logger.info(
+                "[%s] the client went away; closing the upstream stream",
+                request_id,
+                extra={"request_id": request_id},
+            )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+
+
 class SSEResponse:
     """An ASGI response that streams ``chat.completion.chunk`` frames out of a stream.
 
@@ -191,17 +214,10 @@ class SSEResponse:
         self._request_id = request_id
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-            if await unless_disconnected(receive, lambda: self._relay(send)) is None:
-                logger.info(
-                    "[%s] the client went away; closing the upstream stream",
-                    self._request_id,
-                    extra={"request_id": self._request_id},
-                )
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
+        relay = self._relay
+        await stream_response(
+            self._stream, self._headers, self._request_id, receive, send, lambda: relay(send)
+        )
 
     async def _relay(self, send: Send) -> None:
         writer = self._writer
