@@ -67,6 +67,21 @@ async def _json_body(scope: dict[str, Any], receive: Receive, limit: int) -> dic
     return cast("dict[str, Any]", data)
 
 
+async def _model_request(
+    scope: dict[str, Any], receive: Receive, limit: int
+) -> tuple[dict[str, Any], str] | None:
+    """The body of a request about one model (``model``, or the older ``name``) and
+    that model; Ollama's 400 without one; None when the client left first."""
+    try:
+        request = await _json_body(scope, receive, limit)
+    except ClientGone:
+        return None
+    model = request.get("model") or request.get("name")
+    if not isinstance(model, str) or not model.strip():
+        raise ProxyError(400, "model is required")
+    return request, model
+
+
 def _check_native(request: dict[str, Any], generate: bool) -> bool:
     """Check the fields the gateway itself reads; returns whether to stream. The rest is
     the upstream's to judge."""
@@ -282,13 +297,10 @@ class _Show(Endpoint):
     """``POST /api/show``: answered by the first healthy server that has the model."""
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        try:
-            request = await _json_body(scope, receive, self.max_body_size)
-        except ClientGone:
+        asked = await _model_request(scope, receive, self.max_body_size)
+        if asked is None:
             return
-        model = request.get("model") or request.get("name")
-        if not isinstance(model, str) or not model.strip():
-            raise ProxyError(400, "model is required")
+        request, model = asked
         cortex = self.handle.cortex
         router = router_of(cortex)
         failures: list[str] = []
@@ -444,13 +456,10 @@ class _Pull(Endpoint):
     model, else ``{"error": ...}`` naming the servers that failed and why."""
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        try:
-            request = await _json_body(scope, receive, self.max_body_size)
-        except ClientGone:
+        asked = await _model_request(scope, receive, self.max_body_size)
+        if asked is None:
             return
-        model = request.get("model") or request.get("name")
-        if not isinstance(model, str) or not model.strip():
-            raise ProxyError(400, "model is required")
+        request, model = asked
         stream = request.get("stream", True) is not False
         pull = self.handle.cortex.pull(model)
         if not stream:
@@ -518,13 +527,10 @@ class _Delete(Endpoint):
     that has it. 200 when no server failed, 404 when none had it."""
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        try:
-            request = await _json_body(scope, receive, self.max_body_size)
-        except ClientGone:
+        asked = await _model_request(scope, receive, self.max_body_size)
+        if asked is None:
             return
-        model = request.get("model") or request.get("name")
-        if not isinstance(model, str) or not model.strip():
-            raise ProxyError(400, "model is required")
+        _, model = asked
         cortex = self.handle.cortex
         router = router_of(cortex)
         urls = cortex.servers or cortex.candidates()
