@@ -65,7 +65,7 @@ from ._protocol import (
     model_key,
 )
 from ._pull import PullStream
-from ._router import Lease, Router, describe_error, request_timeouts
+from ._router import Lease, Router, describe_error, read_capped, request_timeouts
 from ._routing import (
     DOWN,
     FULL,
@@ -192,7 +192,6 @@ def _body(model: str, prompt: Prompt, stream: bool, args: RequestArgs) -> dict[s
     )
 
 
-_ERROR_BODY_LIMIT = 64 * 1024
 _EMBED_BODY_LIMIT = 512 * 1024 * 1024  # a batch of long vectors as JSON; past it, an error
 # How a Python caller names its servers; the command line says it its own way.
 NO_SERVER_ADVICE = "servers=[...] or AICORTEX_SERVERS"
@@ -706,7 +705,7 @@ class AsyncCortex:
                     router.chat_request(url, content, timeouts, path), stream=True
                 )
                 try:
-                    data = await _read_capped(response, _EMBED_BODY_LIMIT)
+                    data = await read_capped(response, _EMBED_BODY_LIMIT)
                 finally:
                     await _close(response)
                 if response.status_code != 200:
@@ -1039,7 +1038,7 @@ class AsyncCortex:
                     # reused (aiohttp does not retry): once more, on another connection.
                     response = await pool.client.send(request, stream=True)
                 if response.status_code != 200:
-                    error_body = await _read_capped(response)
+                    error_body = await read_capped(response)
                     raise self._status_error(response, error_body, url, model, sse is not None)
                 # Once the server answers, the idle limit applies between chunks.
                 timeouts["read"] = t.idle
@@ -1411,15 +1410,6 @@ class _total_deadline:
         self._scope.__exit__(exc_type, exc, tb)
         if self._scope.cancelled_caught:
             raise CortexTimeoutError("total", self._t.total or 0.0)
-
-
-async def _read_capped(response: httpx.Response, limit: int = _ERROR_BODY_LIMIT) -> bytes:
-    data = bytearray()
-    async for chunk in response.aiter_bytes():
-        data += chunk
-        if len(data) >= limit:
-            break
-    return bytes(data)
 
 
 async def _close(response: httpx.Response | None) -> None:

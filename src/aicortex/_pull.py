@@ -22,7 +22,7 @@ import httpx
 from ._config import Timeout
 from ._exceptions import ValidationError
 from ._protocol import BadChunk, decode_line, error_text
-from ._router import describe_error
+from ._router import describe_error, read_capped
 from ._stream import current_loop, run_soon
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ KindOf = Callable[[str], Literal["ollama", "openai"] | None]
 """The wire protocol a server's URL is known to speak (None: not known)."""
 
 _MAX_LINE = 1024 * 1024  # a progress line is about 150 bytes
-_ERROR_BODY_LIMIT = 64 * 1024
 _BUFFER = 256  # progress events the servers may send ahead of a slow reader
 
 
@@ -293,7 +292,7 @@ async def _stream(
     response = await client.send(request, stream=True)
     try:
         if response.status_code != 200:
-            body = await _read_capped(response)
+            body = await read_capped(response)
             raise _Failed(_status_reason(response, body))
         chunks = response.aiter_bytes()
         lines = _Lines()
@@ -338,15 +337,6 @@ def _status_reason(response: httpx.Response, body: bytes) -> str:
     if status == 404 and "json" not in response.headers.get("content-type", ""):
         return f"no {PULL_PATH} endpoint here (HTTP 404); is this an Ollama server?"
     return f"{message} (HTTP {status})" if message else f"HTTP {status}"
-
-
-async def _read_capped(response: httpx.Response) -> bytes:
-    data = b""
-    async for chunk in response.aiter_bytes():
-        data += chunk
-        if len(data) >= _ERROR_BODY_LIMIT:
-            break
-    return data
 
 
 async def _run(

@@ -21,7 +21,13 @@ from ._protocol import CHAT_PATH, TAGS_PATH, VERSION_PATH, error_text, model_key
 from ._routing import Ejection, FailureKind, Fleet, Node, Server, Strategy
 from ._stream import current_loop, run_soon
 
-__all__ = ["Lease", "Router", "describe_error", "request_timeouts"]
+__all__ = [
+    "Lease",
+    "Router",
+    "describe_error",
+    "read_capped",
+    "request_timeouts",
+]
 
 logger = logging.getLogger("aicortex")
 
@@ -42,6 +48,20 @@ def request_timeouts(t: Timeout, transport: TransportName) -> dict[str, float | 
     if transport == "aiohttp":
         read = None if read is None or t.idle is None else max(read, t.idle)
     return {"connect": t.connect, "read": read, "write": t.connect, "pool": None}
+
+
+_ERROR_BODY_LIMIT = 64 * 1024  # the most of an error answer that is read
+
+
+async def read_capped(response: httpx.Response, limit: int = _ERROR_BODY_LIMIT) -> bytes:
+    """The body of ``response``, or its first ``limit`` bytes or so (the chunk that
+    crosses the limit is kept)."""
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return bytes(data)
 
 
 def describe_error(exc: BaseException, timeout: Timeout) -> str:
