@@ -69,10 +69,24 @@ def test_every_error_is_an_aicortex_error_and_the_usual_builtin() -> None:
 
 def test_error_messages_say_what_happened_and_what_to_do() -> None:
     """Messages carry the facts: model and matches, servers and reasons, the limit."""
-    missing = ModelNotFoundError("lama3", ["llama3.2:3b"], servers=["http://a:1"])
-    assert str(missing) == "Model 'lama3' was not found on http://a:1. Did you mean: 'llama3.2:3b'?"
-    no_match = ModelNotFoundError("zzz", servers=["http://a:1"])
-    assert "ollama pull zzz" in str(no_match)
+    missing = ModelNotFoundError(
+        "lama3", ["llama3.2:3b"], servers=["http://a:1"], not_pulled=["llama3:8b"]
+    )
+    assert str(missing) == (
+        "Model 'lama3' was not found on http://a:1. Did you mean: 'llama3.2:3b', "
+        "'llama3:8b' (not pulled)? To use it, pull it: `aicortex pull lama3 --server "
+        "http://a:1`, or `ollama pull lama3` on that machine."
+    )
+    assert missing.suggestions == ["llama3.2:3b", "llama3:8b"]
+    assert missing.not_pulled == ["llama3:8b"]
+    no_match = ModelNotFoundError("zzz", servers=["http://a:1", "http://b:2"])
+    assert no_match.suggestions == []
+    assert no_match.hint == (
+        "To use it, pull it: `aicortex pull zzz --server http://a:1 --server http://b:2`, "
+        "or `ollama pull zzz` on those machines."
+    )
+    offline = ModelNotFoundError("lama3", ["llama3.2:3b"])
+    assert str(offline) == "Model 'lama3' was not found. Did you mean: 'llama3.2:3b'?"
     down = ServerError("No server.", [Attempt("http://a:1", "connection refused")])
     assert str(down) == "No server. Tried: http://a:1: connection refused."
     assert down.servers == ["http://a:1"]

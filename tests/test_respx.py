@@ -95,7 +95,10 @@ async def test_the_documented_404_becomes_model_not_found(
         with pytest.raises(ModelNotFoundError) as info:
             await cortex.chat("hi", model="llama3.2:3")
     assert info.value.servers == [A, B]
-    assert info.value.suggestions[:2] == ["llama3.2:3b", "llama3.2:1b"]
+    # What the servers have first, then the catalog's models they lack.
+    assert info.value.suggestions[:2] == ["llama3.2:1b", "llama3.2:3b"]
+    assert "llama3.2:3b" in info.value.not_pulled
+    assert "llama3.2:1b" not in info.value.not_pulled
 
 
 async def test_the_documented_400_is_a_validation_error(

@@ -33,6 +33,7 @@ from pydantic_core import SchemaValidator
 from pydantic_core import ValidationError as SchemaError
 
 from ._exceptions import ModelNotFoundError, ValidationError
+from ._mapping import RecordMapping
 
 if sys.version_info >= (3, 11):
     from importlib.resources.abc import Traversable
@@ -67,15 +68,14 @@ ServerStatus = Literal["up", "down", "unknown"]
 
 
 @dataclass(frozen=True)
-class ServerEntry:
-    """A server known to host a model; ``status`` is the last known state, not live."""
+class ServerEntry(RecordMapping):
+    """A server known to host a model; ``status`` is the last known state, not live.
+
+    Also a read-only mapping: ``entry["url"]``, ``dict(entry)``.
+    """
 
     url: str
     status: ServerStatus = "unknown"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The entry as JSON-ready data."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,13 @@ class ParamRange:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """Everything the catalog knows about one model tag, e.g. ``llama3.2:3b``."""
+class ModelInfo(RecordMapping):
+    """Everything the catalog knows about one model tag, e.g. ``llama3.2:3b``.
+
+    Also a read-only mapping of the catalog file's layout: ``info["family"]``,
+    ``info.get("tags", [])``, ``"servers" in info``, ``dict(info)`` (its
+    ``"servers"`` are dicts there, so ``json.dumps(dict(info))`` works).
+    """
 
     name: str
     family: str
@@ -145,10 +150,6 @@ class ModelInfo:
     def from_dict(cls, data: object) -> ModelInfo:
         """Validate ``data`` (decoded JSON); raises ``pydantic_core.ValidationError``."""
         return _validator("model").validate_python(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The model as JSON-ready data, in the catalog file's layout."""
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -442,6 +443,23 @@ class Catalog:
         """
         pool = list(dict.fromkeys([*self._loaded().by_name, *extra]))
         return _rank(name, pool, limit)
+
+    def suggestions_for_servers(
+        self, name: str, available: Iterable[str], limit: int = 5
+    ) -> tuple[list[str], list[str]]:
+        """Close matches for ``name`` that servers lack: ``(available, not_pulled)``.
+
+        ``available`` are close matches among the names the servers list; ``not_pulled``
+        are catalog models close to ``name`` that none of those names is (at most
+        ``limit`` in all, the servers' first).
+        """
+        from ._protocol import model_key  # not at import: it loads pydantic
+
+        listed = list(dict.fromkeys(available))
+        near = _rank(name, listed, limit)
+        have = {model_key(model) for model in listed}
+        others = [m for m in self.suggestions(name, limit=limit) if model_key(m) not in have]
+        return near, others[: max(limit - len(near), 0)]
 
     def default_model(self) -> str:
         """The model to use when none is configured: the one flagged ``default``.

@@ -348,15 +348,16 @@ def cmd_servers(args: argparse.Namespace) -> int:
     options = _cortex_options(args)
     options["timeout"] = dataclasses.replace(options["timeout"], probe=args.timeout)
 
-    async def probe() -> tuple[list[ServerInfo], list[str]]:
+    async def probe() -> tuple[list[ServerInfo], tuple[list[str], list[str]]]:
         async with AsyncCortex(**options) as cortex:
             if args.verbose:
                 _err(f"{PROG}: HTTP transport: {cortex.transport()} (http={cortex.http})")
             infos = await cortex.probe_servers(model)
             live = [name for info in infos if info.up for name in info.models]
-            return infos, cortex.catalog.suggestions(model, extra=live) if model else []
+            none: tuple[list[str], list[str]] = ([], [])
+            return infos, cortex.catalog.suggestions_for_servers(model, live) if model else none
 
-    infos, suggestions = anyio.run(probe)
+    infos, (near, not_pulled) = anyio.run(probe)
     if args.json:
         _print_json([_server_json(info) for info in infos])
     else:
@@ -370,7 +371,7 @@ def cmd_servers(args: argparse.Namespace) -> int:
         tried = "; ".join(f"{i.url} ({i.error or 'down'})" for i in infos)
         raise CLIError(f"no reachable server; tried: {tried}", EXIT_NO_SERVER)
     if model and not any(info.has_model for info in up):
-        raise ModelNotFoundError(model, suggestions, servers=[i.url for i in up])
+        raise ModelNotFoundError(model, near, servers=[i.url for i in up], not_pulled=not_pulled)
     return EXIT_OK
 
 
@@ -599,7 +600,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     import anyio
 
-    from ._urls import normalize_host
+    from ._urls import server_url
     from .tools import catalog_directory
     from .tools.apply_valid_models import apply, validate_directory
     from .tools.check_models import check
@@ -610,7 +611,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     if args.no_catalog and not servers:
         raise CLIError("--no-catalog needs at least one --server")
     for url in servers:
-        normalize_host(url)  # a malformed URL is bad input, before anything goes online
+        server_url(url)  # a malformed URL is bad input, before anything goes online
     directory = catalog_directory(args.metadata_dir)
     validate_directory(directory)
     _err(f"{PROG}: probing servers (timeout {args.timeout:g}s) for the catalog in {directory}")

@@ -81,6 +81,7 @@ from ._routing import (
 )
 from ._stream import DEFAULT_MAX_LINE, AsyncStream, StartFailed
 from ._urls import is_local_default, normalize_host
+from ._urls import server_url as _server_url
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -226,6 +227,11 @@ ServerSpec = str | Server
 def _as_servers(servers: Sequence[ServerSpec] | str | None) -> list[Server]:
     """``servers=`` (else ``AICORTEX_SERVERS``) as :class:`Server` entries with
     normalised URLs, without repeats."""
+    if isinstance(servers, str) and not servers.strip():
+        raise ValidationError(
+            "servers='' names no server. Give URLs like 'http://127.0.0.1:11434', or leave "
+            "servers out to use AICORTEX_SERVERS, OLLAMA_HOST or the local default."
+        )
     items = split_servers(servers) if isinstance(servers, str) else list(servers or ())
     found: dict[str, Server] = {}
     for item in items or env_servers():
@@ -234,7 +240,7 @@ def _as_servers(servers: Sequence[ServerSpec] | str | None) -> list[Server]:
             shorthand = rest and api in ("ollama", "openai")  # openai+http://host:8000
             item = Server(rest, api=api) if shorthand else Server(item)  # type: ignore[arg-type]
         if isinstance(item, Server):  # pyright: ignore[reportUnnecessaryIsInstance]
-            url = normalize_host(item.url)
+            url = _server_url(item.url)
             if item.api != "ollama" and url.endswith("/v1"):
                 url = url[: -len("/v1")]  # OpenAI clients' base URL: the server's root
             server = item if url == item.url else dataclasses.replace(item, url=url)
@@ -446,7 +452,7 @@ class AsyncCortex:
             self._router.fleet.configure(server)
             return [server.url]
         if server_url is not None:
-            return [normalize_host(server_url)]
+            return [_server_url(server_url)]
         urls = list(self._servers)
         if self._fallback or not urls:
             default = normalize_host(env_host())
@@ -455,7 +461,7 @@ class AsyncCortex:
                 if info is not None:
                     for entry in info.servers:
                         try:
-                            url = normalize_host(entry.url)
+                            url = _server_url(entry.url)
                         except ValidationError as exc:
                             logger.warning("Skipping catalog server of %s: %s", model, exc)
                             continue
@@ -922,11 +928,9 @@ class AsyncCortex:
                     "Load it on the server, or map this name to a model the server lists "
                     "with Server(models={...})."
                 )
+            near, not_pulled = self.catalog.suggestions_for_servers(model, live)
             raise ModelNotFoundError(
-                model,
-                self.catalog.suggestions(model, extra=unique(live)),
-                servers=missing_on,
-                hint=hint,
+                model, near, servers=missing_on, hint=hint, not_pulled=not_pulled
             )
         ollama_only = all(fleet.node(url).kind != "openai" for url in candidates)
         raise _server_error(model, _last_per_server(attempts, candidates), ollama_only)

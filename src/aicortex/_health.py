@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ._mapping import RecordMapping
 from ._protocol import model_key
 
 __all__ = ["Health", "ServerInfo", "unique"]
@@ -59,12 +60,12 @@ class Health:
 
 
 @dataclass(frozen=True, slots=True)
-class ServerInfo:
+class ServerInfo(RecordMapping):
     """A live view of one server, as :meth:`AsyncCortex.server_info` reports it.
 
     ``latency`` is the probe's round trip in seconds; ``has_model`` says whether
     the server lists ``model`` (``None`` when no model was asked about or the
-    server is down).
+    server is down). Also a read-only mapping: ``info["up"]``, ``dict(info)``.
     """
 
     url: str

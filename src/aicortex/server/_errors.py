@@ -138,10 +138,8 @@ def from_exception(exc: Exception) -> ProxyError:
         if exc.servers:
             message += f" on {', '.join(exc.servers)}"
         message += "."
-        if exc.suggestions:
-            message += " Did you mean: " + ", ".join(repr(s) for s in exc.suggestions) + "?"
-        elif exc.hint:
-            message += " " + exc.hint
+        if exc.advice:
+            message += " " + exc.advice
         return ProxyError(404, message, param="model", code="model_not_found")
     if isinstance(exc, ValidationError):
         text = str(exc)
@@ -171,10 +169,8 @@ def native_error(exc: Exception) -> ProxyError:
         message = f"model '{exc.model}' not found"
         if exc.servers:
             message += f" on {', '.join(exc.servers)}"
-        if exc.suggestions:
-            message += "; did you mean " + ", ".join(repr(s) for s in exc.suggestions) + "?"
-        elif exc.hint:
-            message += f". {exc.hint}"
+        if exc.advice:
+            message += f". {exc.advice}"
         else:
             message += f"; pull it with `aicortex pull {exc.model}`"
         return ProxyError(404, message)
