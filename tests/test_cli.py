@@ -321,12 +321,16 @@ def test_chat_with_an_empty_prompt_is_bad_input() -> None:
 
 def test_chat_with_an_unknown_model_suggests_names(fake_ollama: FakeOllamaFactory) -> None:
     """A model no server has is status 2, naming the server and close matches."""
-    server = fake_ollama()
+    server = fake_ollama()  # it has llama3.2:3b, not llama3.2:1b
     line = assert_one_error_line(
         aicortex_cmd("chat", "hi", "-m", "llama3.2:4b", "-s", server.url), 2
     )
     assert f"Model 'llama3.2:4b' was not found on {server.url}" in line
-    assert "Did you mean: 'llama3.2:1b', 'llama3.2:3b'" in line
+    assert "Did you mean: 'llama3.2:3b', 'llama3.2:1b' (not pulled)" in line
+    assert line.endswith(
+        f"To use it, pull it: `aicortex pull llama3.2:4b --server {server.url}`, "
+        "or `ollama pull llama3.2:4b` on that machine."
+    )
 
 
 def test_chat_with_no_reachable_server_names_each_one() -> None:
@@ -596,3 +600,19 @@ def test_online_commands_read_the_configuration_file(
     bad = aicortex_cmd("chat", "hi", "--config", str(config))
     line = assert_one_error_line(bad, 2)
     assert "timeouts.conect: unknown key; did you mean 'connect'?" in line
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http//127.0.0.1:11434", "Did you mean 'http://127.0.0.1:11434'?"),
+        ("", "--server '' names no server"),
+        ("http://a b:1", "contains spaces"),
+        ("http://127.0.0.1:11434/api", "drop the /api suffix"),
+    ],
+)
+@pytest.mark.parametrize("command", [["chat", "hi"], ["servers"], ["pull", "llama3.2:3b"]])
+def test_a_malformed_server_url_is_bad_input(command: list[str], url: str, says: str) -> None:
+    """Exit 2 with the fix, before anything goes online (no server runs here)."""
+    line = assert_one_error_line(aicortex_cmd(*command, "--server", url), 2)
+    assert says in line

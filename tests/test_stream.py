@@ -10,10 +10,12 @@ import anyio
 import pytest
 
 from aicortex import (
+    AICortexError,
     AsyncCortex,
     CortexTimeoutError,
     EventType,
     ServerError,
+    StreamConsumedError,
     StreamError,
     StreamEvent,
     Timeout,
@@ -93,7 +95,8 @@ async def test_text_works_before_during_and_after_iteration(
         assert stream.stats is not None
         assert stream.stats.completion_tokens == 4
         assert stream.done_reason == "stop"
-        assert [event async for event in stream] == []  # text() read everything
+        with pytest.raises(StreamConsumedError, match=r"Call await stream\.text\(\)"):
+            [event async for event in stream]  # text() read everything
         assert await stream.text() == "abcd"  # and can be asked again
 
 
@@ -419,3 +422,35 @@ async def test_iterating_after_the_end_stops_again(fake_ollama: FakeOllamaFactor
             pass
         with pytest.raises(StopAsyncIteration):
             await stream.__anext__()
+
+
+async def test_iterating_a_finished_stream_again_says_to_call_text(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """A second `async for` over a finished stream raises, instead of yielding nothing."""
+    server = fake_ollama(chat=reply(["ab", "cd"]))
+    async with cortex(server.url) as client:
+        stream = await client.chat("hi", model=MODEL, stream=True)
+        first = [event.type async for event in stream]
+        assert first[-1] is EventType.END
+        with pytest.raises(StreamConsumedError, match="already been read to its end") as info:
+            async for _ in stream:
+                pass
+        assert isinstance(info.value, AICortexError)
+        assert "start a new chat" in str(info.value)
+        assert await stream.text() == "abcd"
+
+
+async def test_iterating_a_stream_closed_early_again_says_it_was_closed(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    server = fake_ollama(chat=reply(["ab", "cd", "ef"], delay=0.05))
+    async with cortex(server.url) as client:
+        async with await client.chat("hi", model=MODEL, stream=True) as stream:
+            async for event in stream:
+                if event.type is EventType.TOKEN:
+                    break
+        with pytest.raises(StreamConsumedError, match="closed before its end"):
+            async for _ in stream:
+                pass
+        assert stream.partial_text == "ab"

@@ -26,6 +26,7 @@ from aicortex import (
     Server,
     ServerError,
     Stream,
+    StreamConsumedError,
     StreamError,
     StreamEvent,
     Timeout,
@@ -150,6 +151,30 @@ def test_stream_text_is_the_whole_text_before_during_and_after_iterating(
         assert len(list(stream)) == 6
     assert stream.text() == "Hello there!"
     assert stream.text() == "Hello there!"  # and again
+
+
+def test_iterating_a_consumed_stream_again_raises(
+    fake_ollama: FakeOllamaFactory, cortex: CortexFactory
+) -> None:
+    """Iterating a second time raises StreamConsumedError, whether the stream ended, was
+    read by text(), or was left with a break; text() still has the whole answer."""
+    server = fake_ollama(chat=reply(["Hel", "lo"]))
+    client = cortex(server.url)
+    ended = client.chat("hi", model=MODEL, stream=True)
+    assert [event.type for event in ended][-1] is EventType.END
+    with pytest.raises(StreamConsumedError, match=r"Call stream\.text\(\)"):
+        for _ in ended:
+            pass
+    assert ended.text() == "Hello"
+    read = client.chat("hi", model=MODEL, stream=True)
+    assert read.text() == "Hello"
+    with pytest.raises(StreamConsumedError, match="already been read to its end"):
+        list(read)
+    left = client.chat("hi", model=MODEL, stream=True)
+    for _ in left:
+        break
+    with pytest.raises(StreamConsumedError, match="closed before its end"):
+        next(iter(left))
 
 
 def test_events_arrive_as_they_are_produced_not_buffered(
@@ -404,7 +429,8 @@ def test_ctrl_c_while_iterating_a_stream_closes_it(
     assert time.monotonic() - started < 2.0
     assert 1 <= len(seen) < len(MANY)
     assert server.wait_for_disconnect(1.0)
-    assert list(stream) == []  # the stream is over
+    with pytest.raises(StreamConsumedError, match="closed before its end"):
+        list(stream)  # the stream is over
     assert client.chat("hi", model=MODEL) == "after"
 
 

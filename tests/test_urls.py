@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aicortex import ValidationError
-from aicortex._urls import normalize_host
+from aicortex import AsyncCortex, Server, ValidationError
+from aicortex._urls import normalize_host, server_url
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,61 @@ def test_query_strings_are_rejected() -> None:
     """A base URL with a query cannot be joined with API paths, so it is refused."""
     with pytest.raises(ValidationError, match="query"):
         normalize_host("http://example.com:11434/?x=1")
+
+
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("http//127.0.0.1:11434", "Did you mean 'http://127.0.0.1:11434'?"),
+        ("https//gpu-box", "Did you mean 'https://gpu-box'?"),
+        ("http:/gpu-box:11434", "Did you mean 'http://gpu-box:11434'?"),
+        ("", "is empty. Give one like http://127.0.0.1:11434"),
+        ("   ", "is empty"),
+        ("http://gpu box:11434", "contains spaces"),
+        ("http://a:1 http://b:2", "separate several with commas"),
+        ("http://", "has no host"),
+        ("http://:11434", "has no host"),
+        ("http://gpu!box", "has no valid host name ('gpu!box')"),
+        ("http://[::1", "is not a valid URL"),
+        ("http://127.0.0.1:11434/api", "(drop the /api suffix): 'http://127.0.0.1:11434'"),
+        ("gpu-box:11434/api/", "(drop the /api suffix): 'http://gpu-box:11434'"),
+        ("http://h:80/ollama/api/tags", "(drop the /api suffix): 'http://h:80/ollama'"),
+    ],
+)
+def test_a_server_string_that_is_no_url_is_refused_with_the_fix(text: str, fix: str) -> None:
+    """Explicit servers are never guessed at: the error names the string and the fix."""
+    with pytest.raises(ValidationError) as info:
+        server_url(text)
+    assert repr(text) in str(info.value)
+    assert fix in str(info.value)
+    with pytest.raises(ValidationError):
+        AsyncCortex([text])
+    with pytest.raises(ValidationError):
+        AsyncCortex([Server(text)])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("gpu-box", "http://gpu-box:11434"),
+        (":8080", "http://127.0.0.1:8080"),
+        ("http://[::1]:11434", "http://[::1]:11434"),
+        ("https://models.example/ollama", "https://models.example:443/ollama"),
+        ("http://a:1/apis", "http://a:1/apis"),
+        ("http://a:1/v1", "http://a:1/v1"),
+        ("host_name:1", "http://host_name:1"),
+    ],
+)
+def test_valid_server_strings_normalise_as_hosts_do(text: str, expected: str) -> None:
+    assert server_url(text) == expected
+
+
+def test_an_empty_servers_string_is_refused_but_no_servers_is_the_default() -> None:
+    with pytest.raises(ValidationError, match="servers='' names no server"):
+        AsyncCortex("")
+    assert AsyncCortex(None).candidates() == ["http://127.0.0.1:11434"]
+
+
+def test_a_malformed_url_for_one_call_is_refused() -> None:
+    with pytest.raises(ValidationError, match="scheme needs '://'"):
+        AsyncCortex().candidates(server_url="http//gpu-box")

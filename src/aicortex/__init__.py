@@ -21,6 +21,7 @@ from ._exceptions import Attempt as Attempt
 from ._exceptions import CortexTimeoutError as CortexTimeoutError
 from ._exceptions import ModelNotFoundError as ModelNotFoundError
 from ._exceptions import ServerError as ServerError
+from ._exceptions import StreamConsumedError as StreamConsumedError
 from ._exceptions import StreamError as StreamError
 from ._exceptions import ValidationError as ValidationError
 from ._version import __version__ as __version__
@@ -134,6 +135,7 @@ __all__ = [
     "ServerState",
     "Stats",
     "Stream",
+    "StreamConsumedError",
     "StreamError",
     "StreamEvent",
     "Timeout",

@@ -8,6 +8,7 @@ all of them::
     ├── ServerError             no server could serve the request (``.attempts``)
     ├── ValidationError         bad input; also a ``ValueError``
     ├── StreamError             a stream broke after its first token (``.partial_text``)
+    ├── StreamConsumedError     a stream was iterated again after its end
     └── CortexTimeoutError      the call's total deadline passed; also a ``TimeoutError``
 
 The other limits are part of failover: a connect, first-token or probe timeout
@@ -31,6 +32,7 @@ __all__ = [
     "CortexTimeoutError",
     "ModelNotFoundError",
     "ServerError",
+    "StreamConsumedError",
     "StreamError",
     "TimeoutPhase",
     "ValidationError",
@@ -46,10 +48,11 @@ class AICortexError(Exception):
 class ModelNotFoundError(AICortexError):
     """The requested model is unknown to the catalog or missing on every server.
 
-    ``suggestions`` holds close matches (from the catalog and from the models the
-    live servers list), best first. ``servers`` are the servers that were asked.
-    ``hint`` says how to get the model, when there is no close match: by default
-    ``ollama pull``; for OpenAI-style servers, loading it or mapping the name.
+    ``suggestions`` holds close matches, best first: the models the servers that were
+    asked have, then catalog models that none of them has (also in ``not_pulled``).
+    ``servers`` are the servers that were asked. ``hint`` says how to get the model
+    itself: pull it (``aicortex pull``, ``ollama pull``); for OpenAI-style servers,
+    load it or map the name. ``advice`` is both, as the message ends.
     """
 
     def __init__(
@@ -59,19 +62,41 @@ class ModelNotFoundError(AICortexError):
         *,
         servers: Sequence[str] = (),
         hint: str | None = None,
+        not_pulled: Sequence[str] = (),
     ) -> None:
         self.model = model
-        self.suggestions: list[str] = list(suggestions)
+        self.suggestions: list[str] = list(dict.fromkeys([*suggestions, *not_pulled]))
+        self.not_pulled: list[str] = [name for name in not_pulled if name not in suggestions]
         self.servers: list[str] = list(servers)
-        self.hint: str | None = None
+        self.hint: str | None = hint or (pull_hint(model, self.servers) if servers else None)
         where = f" on {', '.join(self.servers)}" if self.servers else ""
         message = f"Model {model!r} was not found{where}."
-        if self.suggestions:
-            message += " Did you mean: " + ", ".join(repr(s) for s in self.suggestions) + "?"
-        elif self.servers:
-            self.hint = hint or f"Pull it first (`ollama pull {model}`) or pick another model."
-            message += " " + self.hint
+        if self.advice:
+            message += " " + self.advice
         super().__init__(message)
+
+    @property
+    def advice(self) -> str:
+        """The close matches (``(not pulled)`` marks catalog-only ones) and the hint."""
+        parts: list[str] = []
+        if self.suggestions:
+            names = ", ".join(
+                repr(name) + (" (not pulled)" if name in self.not_pulled else "")
+                for name in self.suggestions
+            )
+            parts.append(f"Did you mean: {names}?")
+        if self.hint:
+            parts.append(self.hint)
+        return " ".join(parts)
+
+
+def pull_hint(model: str, servers: Sequence[str]) -> str:
+    """How to pull ``model`` onto ``servers``."""
+    flags = " ".join(f"--server {url}" for url in servers)
+    where = "that machine" if len(servers) == 1 else "those machines"
+    return (
+        f"To use it, pull it: `aicortex pull {model} {flags}`, or `ollama pull {model}` on {where}."
+    )
 
 
 AttemptKind = Literal["unreachable", "failed", "busy", "model_missing", "ejected"]
@@ -142,6 +167,28 @@ class StreamError(AICortexError):
         super().__init__(message)
 
 
+class StreamConsumedError(AICortexError):
+    """A stream was iterated again after it had ended or been closed.
+
+    A stream is the server's answer as it arrives, read once. Its whole text
+    stays available from ``text()``; for another answer, start a new chat.
+    """
+
+
+def consumed_error(closed_early: bool, text_call: str) -> StreamConsumedError:
+    """The error for iterating a stream again; ``text_call`` is how its text is read."""
+    if closed_early:
+        return StreamConsumedError(
+            "This stream was closed before its end (break, close() or the end of its "
+            "'with' block), so it has no more events to give. What arrived is in "
+            ".partial_text; start a new chat for a whole answer."
+        )
+    return StreamConsumedError(
+        "This stream has already been read to its end; a stream can be iterated once. "
+        f"Call {text_call} for its whole text, or start a new chat for another answer."
+    )
+
+
 # How a broken stream's message ends: advice that only a Python caller can follow.
 PARTIAL_TEXT_ADVICE = (
     "The partial text is in .partial_text; retry the request to get a full answer."
@@ -179,3 +226,18 @@ class CortexTimeoutError(AICortexError, TimeoutError):
             f"Timed out after {timeout:g}s {label}{where}. "
             f"Raise Timeout({phase}=...) if the server is just slow."
         )
+
+
+# Tracebacks and reprs name the classes where users import them from: aicortex.ModelNotFoundError.
+for _public in (
+    AICortexError,
+    ModelNotFoundError,
+    Attempt,
+    ServerError,
+    ValidationError,
+    StreamError,
+    StreamConsumedError,
+    CortexTimeoutError,
+):
+    _public.__module__ = "aicortex"
+del _public

@@ -17,7 +17,7 @@ import httpx
 from pydantic_core import from_json
 
 from ._events import EventType, Stats, StreamEvent, ToolCall
-from ._exceptions import PARTIAL_TEXT_ADVICE, CortexTimeoutError, StreamError
+from ._exceptions import PARTIAL_TEXT_ADVICE, CortexTimeoutError, StreamError, consumed_error
 from ._idle import IdleWatch
 from ._metrics import Meter, Outcome
 from ._openai import SSETranslator
@@ -197,6 +197,8 @@ class AsyncStream:
         return self._state in (_FINISHED, _FAILED, _CLOSED)
 
     def __aiter__(self) -> AsyncStream:
+        if self._state in (_FINISHED, _CLOSED):
+            raise consumed_error(self._end is None, "await stream.text()")
         return self
 
     async def __anext__(self) -> StreamEvent:

@@ -40,7 +40,7 @@ from ._client import (
 from ._config import DEFAULT_HEALTH_TTL, Timeout
 from ._embed import EmbedResult
 from ._events import Stats, StreamEvent, ToolCall
-from ._exceptions import StreamError
+from ._exceptions import AICortexError, StreamError, consumed_error
 from ._health import ServerInfo
 from ._metrics import Observer
 from ._pools import HttpChoice, TransportName
@@ -79,11 +79,29 @@ class _PortalThread:
         self._thread = threading.Thread(target=run, name="aicortex-portal", daemon=True)
         self._thread.start()
         self.portal = ready.result()
+        self.thread_id = self._thread.ident
 
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError):  # already stopped
             self.portal.call(self.portal.stop, True)
         self._thread.join(timeout=10)
+
+
+def _shutdown(cortex: AsyncCortex, loop: _PortalThread, streams: Iterable[Stream]) -> None:
+    """Close ``cortex`` on its loop, then stop the loop."""
+    if threading.get_ident() == loop.thread_id:
+        # Collected on its own loop: closing would wait for itself. The loop thread is a
+        # daemon; let it go.
+        return
+    try:
+        # Streams still being read end with "the Cortex was closed", not
+        # with a connection error blamed on their server.
+        for stream in list(streams):
+            stream._cancel()  # pyright: ignore[reportPrivateUsage]
+        with contextlib.suppress(RuntimeError):  # the loop already stopped
+            loop.portal.call(cortex.aclose)
+    finally:
+        loop.stop()
 
 
 class Cortex:
@@ -137,6 +155,9 @@ class Cortex:
         self._lock = threading.Lock()
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._loop: _PortalThread | None = _PortalThread(backend)
+        # A Cortex left open is closed when it is collected, or at the latest when the
+        # interpreter exits, so its connections are closed properly, not abandoned.
+        self._finalizer = weakref.finalize(self, _shutdown, self._async, self._loop, self._streams)
 
     @classmethod
     def from_config(cls, path: str | PathLike[str] | None = None, **arguments: Any) -> Cortex:
@@ -159,12 +180,16 @@ class Cortex:
 
     def _run(self, func: Callable[[], Awaitable[T]]) -> T:
         """Run ``func()`` on the loop and wait; Ctrl-C (or any interruption) cancels it."""
+        __tracebackhide__ = True  # pytest and IPython: show the caller's frames
         future = self._portal().start_task_soon(func)
         try:
             return future.result()
+        except AICortexError as exc:
+            error = exc  # raised below, out of this block: with its own cause chain only
         except BaseException:
             future.cancel()
             raise
+        raise here(error)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -174,14 +199,8 @@ class Cortex:
             loop, self._loop = self._loop, None
         if loop is None:
             return
-        try:
-            # Streams still being read end with "the Cortex was closed", not
-            # with a connection error blamed on their server.
-            for stream in list(self._streams):
-                stream._cancel()  # pyright: ignore[reportPrivateUsage]
-            loop.portal.call(self._async.aclose)
-        finally:
-            loop.stop()
+        self._finalizer.detach()
+        _shutdown(self._async, loop, self._streams)
 
     @property
     def closed(self) -> bool:
@@ -404,8 +423,13 @@ class Cortex:
         server's request and closes its connection."""
         portal = self._portal()
         # Made on the loop, now: a bad model name or server list is raised here.
-        pulling = portal.call(functools.partial(self._async.pull, model, servers))
-        return _pull_events(portal, pulling)
+        try:
+            pulling = portal.call(functools.partial(self._async.pull, model, servers))
+        except AICortexError as exc:
+            error = exc
+        else:
+            return _pull_events(portal, pulling)
+        raise here(error)
 
     # -- offline helpers (no I/O, so no trip through the loop) ---------------
 
@@ -450,6 +474,15 @@ class Cortex:
         return self._async.random_llm_params(model, seed=seed)
 
 
+def here(exc: BaseException) -> BaseException:
+    """``exc``, to raise again in the caller's thread. aicortex's own errors lose the
+    frames of the background loop and the portal, so a traceback shows the caller's
+    code and the error; their ``__cause__`` chain is kept."""
+    if isinstance(exc, AICortexError):
+        return exc.with_traceback(None)
+    return exc
+
+
 def _pull_events(portal: BlockingPortal, pulling: PullStream) -> Iterator[PullProgress]:
     """The events of ``pulling``, read on the loop by a task that ends with the loop's
     iteration: closing this generator cancels it, and with it every request."""
@@ -472,7 +505,7 @@ def _pull_events(portal: BlockingPortal, pulling: PullStream) -> Iterator[PullPr
         while not isinstance(item := events.get(), _End):
             yield item
         if item.error is not None:
-            raise item.error
+            raise here(item.error)
     finally:
         task.cancel()
         with contextlib.suppress(CancelledError):
@@ -619,11 +652,20 @@ class Stream:
         self._task = portal.start_task_soon(_pump, pipe, opener, started)
         try:
             self._stream = started.result()
+            return
+        except AICortexError as exc:
+            error = exc
         except BaseException:
             self._task.cancel()
             raise
+        raise here(error)
 
     def __iter__(self) -> Iterator[StreamEvent]:
+        if self._finished:
+            raise consumed_error(self._end is None, "stream.text()")
+        return self._events()
+
+    def _events(self) -> Iterator[StreamEvent]:
         try:
             while (batch := self._rest()) is not None:
                 for event in batch:
@@ -665,7 +707,7 @@ class Stream:
             self._end = item
             self._wait_pump()
             if item.error is not None:
-                raise item.error
+                raise here(item.error)
             return None
         self._pipe.caught_up(len(item))
         self._batch, self._next = item, len(item)
@@ -681,11 +723,11 @@ class Stream:
         Raises :class:`~aicortex.StreamError` if the stream failed or was closed
         before it finished.
         """
-        for _ in self:
+        while self._rest() is not None:
             pass
         end = self._end
         if end is not None and end.error is not None:
-            raise end.error
+            raise here(end.error)
         if end is None:
             raise StreamError(
                 "The stream was closed before it finished; its text is incomplete.",

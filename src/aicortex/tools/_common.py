@@ -224,5 +224,15 @@ def positive_seconds(text: str) -> float:
 def server_list(values: Sequence[str] | None) -> list[str]:
     """``--server`` values; each may hold several comma-separated URLs."""
     from .._config import split_servers
+    from .._exceptions import ValidationError
 
-    return [url for value in values or () for url in split_servers(value)]
+    urls: list[str] = []
+    for value in values or ():
+        found = split_servers(value)
+        if not found:
+            raise ValidationError(
+                f"--server {value!r} names no server. Give a URL like "
+                "http://127.0.0.1:11434, or leave --server out for the default servers."
+            )
+        urls += found
+    return urls

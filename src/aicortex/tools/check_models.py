@@ -123,7 +123,7 @@ class _Target:
 def _targets(catalog: Iterable[str], extra: Iterable[str]) -> list[_Target]:
     """Catalog servers then extra ones, deduplicated by the address they are probed at."""
     from .._config import env_host
-    from .._urls import is_local_default, normalize_host
+    from .._urls import is_local_default, normalize_host, server_url
 
     local = normalize_host(env_host())
     targets: list[_Target] = []
@@ -132,7 +132,7 @@ def _targets(catalog: Iterable[str], extra: Iterable[str]) -> list[_Target]:
     for source, urls in groups:
         for url in urls:
             try:
-                normal = normalize_host(url)
+                normal = server_url(url)
             except ValidationError as exc:
                 if source == "argument":
                     raise
