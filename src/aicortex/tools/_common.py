@@ -236,3 +236,71 @@ def server_list(values: Sequence[str] | None) -> list[str]:
             )
         urls += found
     return urls
+
+
+# ----------------------------------------------------------- run(): the steps chained in Python
+
+WORKDIR_ENV = "AICORTEX_REFRESH_DIR"
+
+
+def work_directory(workdir: str | os.PathLike[str] | None = None) -> Path:
+    """Where each step's ``run()`` keeps its document for the next one: ``workdir``, else
+    ``$AICORTEX_REFRESH_DIR``, else ``aicortex/refresh`` in the user's cache folder."""
+    if workdir is not None:
+        path = Path(workdir).expanduser()
+    elif os.environ.get(WORKDIR_ENV, "").strip():
+        path = Path(os.environ[WORKDIR_ENV].strip()).expanduser()
+    else:
+        if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+            cache = Path(os.environ["LOCALAPPDATA"])
+        else:
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        path = cache / "aicortex" / "refresh"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ToolError(
+            f"Cannot use {str(path)!r} for the steps' results ({exc}); pass workdir=."
+        ) from None
+    return path
+
+
+def save_step(report: BaseModel, step: str, workdir: str | os.PathLike[str] | None) -> Path:
+    """Keep ``report`` as ``STEP.json`` in the work directory (replaced whole, atomically)."""
+    from .apply_valid_models import write_atomic
+
+    path = work_directory(workdir) / f"{step}.json"
+    try:
+        write_atomic(path, dump_json(report.model_dump(mode="json")).encode())
+    except OSError as exc:
+        raise ToolError(f"Cannot write {path}: {exc}") from None
+    return path
+
+
+def load_step(
+    model: type[_Document], step: str, workdir: str | os.PathLike[str] | None
+) -> _Document:
+    """The document ``step``'s ``run()`` kept in the work directory."""
+    path = work_directory(workdir) / f"{step}.json"
+    if not path.is_file():
+        raise ToolError(
+            f"There is no {step} result in {path.parent}: call {step}.run() first, or pass "
+            "its report to this run()."
+        )
+    return read_document(model, str(path), step)
+
+
+def blocking(func: Callable[[], Awaitable[_Result]]) -> _Result:
+    """``func()`` run to completion on an event loop of its own. From inside a running
+    loop (a notebook cell, an async test) that loop is left alone: a thread runs it."""
+    import anyio
+    import sniffio
+
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return anyio.run(func)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="aicortex-tools") as pool:
+        return pool.submit(anyio.run, func).result()

@@ -47,7 +47,15 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from . import FORMAT_VERSION, CatalogWriteError, ToolError, catalog_directory, read_family_files
-from ._common import ArgumentParser, dump_json, read_document, run_tool, step_parser, write_text
+from ._common import (
+    ArgumentParser,
+    dump_json,
+    load_step,
+    read_document,
+    run_tool,
+    step_parser,
+    write_text,
+)
 from .resolve_models import ResolvedCatalog
 
 __all__ = [
@@ -56,6 +64,7 @@ __all__ = [
     "apply",
     "main",
     "render",
+    "run",
     "validate",
     "validate_directory",
 ]
@@ -181,6 +190,21 @@ def apply(
     return ApplyReport(
         metadata_dir=str(directory), dry_run=dry_run, files=results, diff="".join(diffs)
     )
+
+
+def run(
+    resolved: ResolvedCatalog | None = None,
+    metadata_dir: str | os.PathLike[str] | None = None,
+    *,
+    dry_run: bool = False,
+    workdir: str | os.PathLike[str] | None = None,
+) -> ApplyReport:
+    """:func:`apply` ``resolved``, else the result :func:`aicortex.tools.resolve_models.run`
+    kept in the work directory: the last step, which writes the catalog files."""
+    source = (
+        resolved if resolved is not None else load_step(ResolvedCatalog, "resolve_models", workdir)
+    )
+    return apply(source, metadata_dir, dry_run=dry_run)
 
 
 def _diff(name: str, old: bytes | None, new: bytes) -> str:

@@ -55,17 +55,19 @@ from . import FORMAT_VERSION, ToolError, catalog_directory, read_family_files
 from ._common import (
     ArgumentParser,
     add_output_argument,
+    blocking,
     parse_json,
     positive_seconds,
     read_text,
     run_all,
     run_tool,
+    save_step,
     server_list,
     tool_router,
     write_report,
 )
 
-__all__ = ["CheckReport", "ServerCheck", "catalog_servers", "check", "main"]
+__all__ = ["CheckReport", "ServerCheck", "catalog_servers", "check", "main", "run"]
 
 DEFAULT_PROBE_TIMEOUT = 2.0
 
@@ -205,6 +207,32 @@ async def check(
         probe_timeout=timeout,
         servers=results,
     )
+
+
+def run(
+    servers: Sequence[str] = (),
+    *,
+    metadata_dir: str | os.PathLike[str] | None = None,
+    include_catalog: bool = True,
+    timeout: float = DEFAULT_PROBE_TIMEOUT,
+    workdir: str | os.PathLike[str] | None = None,
+) -> CheckReport:
+    """Blocking :func:`check`; the report is also kept in the work directory for
+    :func:`aicortex.tools.fetch_models.run` (``workdir``, else ``$AICORTEX_REFRESH_DIR``,
+    else ``aicortex/refresh`` in the user's cache folder)::
+
+        check_models.run()
+        fetch_models.run()
+        resolve_models.run()
+        apply_valid_models.run()
+    """
+    report = blocking(
+        lambda: check(
+            servers, metadata_dir=metadata_dir, include_catalog=include_catalog, timeout=timeout
+        )
+    )
+    save_step(report, "check_models", workdir)
+    return report
 
 
 def _extra_servers(source: str) -> list[str]:

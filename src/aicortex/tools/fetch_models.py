@@ -47,6 +47,7 @@ Input: the output of ``check_models``. Output (``"kind": "aicortex.fetch"``)::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -56,10 +57,13 @@ from .._protocol import TAGS_PATH, json_int, json_object, json_objects
 from . import FORMAT_VERSION
 from ._common import (
     ArgumentParser,
+    blocking,
+    load_step,
     positive_seconds,
     read_document,
     run_all,
     run_tool,
+    save_step,
     step_parser,
     tool_router,
     write_report,
@@ -69,7 +73,15 @@ from .check_models import CheckReport, ServerCheck
 if TYPE_CHECKING:
     from .._router import Router
 
-__all__ = ["FetchReport", "FetchedModel", "ServerModels", "fetch", "main", "model_from_api"]
+__all__ = [
+    "FetchReport",
+    "FetchedModel",
+    "ServerModels",
+    "fetch",
+    "main",
+    "model_from_api",
+    "run",
+]
 
 _logger = logging.getLogger("aicortex")
 
@@ -239,6 +251,22 @@ async def fetch(
     finally:
         await router.aclose()
     return FetchReport(metadata_dir=checked.metadata_dir, servers=servers)
+
+
+def run(
+    checked: CheckReport | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    workdir: str | os.PathLike[str] | None = None,
+) -> FetchReport:
+    """Blocking :func:`fetch` of ``checked``, else of the report
+    :func:`aicortex.tools.check_models.run` kept in the work directory; this report is
+    kept there in turn, for :func:`aicortex.tools.resolve_models.run`."""
+    source = checked if checked is not None else load_step(CheckReport, "check_models", workdir)
+    report = blocking(lambda: fetch(source, timeout=timeout, concurrency=concurrency))
+    save_step(report, "fetch_models", workdir)
+    return report
 
 
 def build_parser(prog: str = "python -m aicortex.tools.fetch_models") -> ArgumentParser:

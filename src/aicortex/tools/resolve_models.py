@@ -63,10 +63,18 @@ from .._exceptions import ValidationError
 from .._protocol import json_objects, model_key
 from .._urls import normalize_host
 from . import FORMAT_VERSION, catalog_directory, read_family_files
-from ._common import ArgumentParser, read_document, run_tool, step_parser, write_report
+from ._common import (
+    ArgumentParser,
+    load_step,
+    read_document,
+    run_tool,
+    save_step,
+    step_parser,
+    write_report,
+)
 from .fetch_models import FetchedModel, FetchReport
 
-__all__ = ["Change", "ResolvedCatalog", "human_size", "main", "merge", "resolve"]
+__all__ = ["Change", "ResolvedCatalog", "human_size", "main", "merge", "resolve", "run"]
 
 _TAGS = {"completion": "chat", "thinking": "reasoning"}
 
@@ -318,6 +326,22 @@ def resolve(
     return ResolvedCatalog(
         metadata_dir=str(directory), files=files, changes=changes, warnings=warnings
     )
+
+
+def run(
+    fetched: FetchReport | None = None,
+    *,
+    metadata_dir: str | os.PathLike[str] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+) -> ResolvedCatalog:
+    """:func:`resolve` ``fetched``, else the report :func:`aicortex.tools.fetch_models.run`
+    kept in the work directory, into the catalog in ``metadata_dir`` (default: the one
+    that was checked). The result is kept there in turn, for
+    :func:`aicortex.tools.apply_valid_models.run`; no catalog file is written."""
+    source = fetched if fetched is not None else load_step(FetchReport, "fetch_models", workdir)
+    resolved = resolve(metadata_dir, source)
+    save_step(resolved, "resolve_models", workdir)
+    return resolved
 
 
 def build_parser(prog: str = "python -m aicortex.tools.resolve_models") -> ArgumentParser:
