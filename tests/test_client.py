@@ -264,6 +264,44 @@ async def test_an_unknown_model_raises_model_not_found_with_suggestions(
     assert error.servers == [server.url]
 
 
+async def test_suggestions_put_what_the_servers_have_first_and_say_how_to_pull(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """Close matches the servers have come first; catalog models that no server has are
+    marked (not pulled); the message always says how to pull the model asked for."""
+    first = fake_ollama(models=["qwen2.5:3b"])
+    second = fake_ollama(models=["llama3.2:3b"])
+    async with cortex(first.url, second.url) as client:
+        with pytest.raises(ModelNotFoundError) as info:
+            await client.chat("hi", model="qwen2.5:7b")
+    error = info.value
+    assert error.servers == [first.url, second.url]
+    assert error.suggestions[0] == "qwen2.5:3b"
+    assert "qwen2.5:3b" not in error.not_pulled
+    assert error.not_pulled, "the catalog's qwen models are suggested too"
+    assert error.suggestions[1:] == error.not_pulled
+    assert all(name.startswith("qwen") for name in error.not_pulled)
+    message = str(error)
+    assert "'qwen2.5:3b', " in message
+    assert f"{error.not_pulled[0]!r} (not pulled)" in message
+    assert f"aicortex pull qwen2.5:7b --server {first.url} --server {second.url}" in message
+    assert "ollama pull qwen2.5:7b" in message
+
+
+async def test_a_model_with_no_close_match_still_says_how_to_pull_it(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    server = fake_ollama(models=["llama3.2:3b"])
+    async with cortex(server.url) as client:
+        with pytest.raises(ModelNotFoundError) as info:
+            await client.chat("hi", model="zzzz-unheard-of:1b")
+    assert info.value.suggestions == []
+    assert str(info.value).endswith(
+        f"To use it, pull it: `aicortex pull zzzz-unheard-of:1b --server {server.url}`, "
+        "or `ollama pull zzzz-unheard-of:1b` on that machine."
+    )
+
+
 async def test_a_server_without_the_model_is_passed_over_for_one_with_it(
     fake_ollama: FakeOllamaFactory,
 ) -> None:
