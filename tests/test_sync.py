@@ -8,6 +8,7 @@ errors that keep their types across the thread hop, and Ctrl-C that cancels the 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import threading
 import time
@@ -483,6 +484,25 @@ def test_close_is_idempotent_and_stops_the_portal_thread(
     client.close()
     assert client.closed
     assert set(portal_threads()) <= threads
+
+
+def test_a_cortex_dropped_unclosed_is_closed_when_collected(
+    fake_ollama: FakeOllamaFactory,
+) -> None:
+    """Its connections are closed (the server sees them go) and its loop thread stops."""
+    server = fake_ollama()
+    threads = set(portal_threads())
+    client = Cortex(servers=[server.url], fallback=False, timeout=FAST)
+    assert client.chat("hi", model=MODEL) == "Hello!"
+    open_connections = server._writers  # pyright: ignore[reportPrivateUsage]
+    assert open_connections  # kept alive in the pool
+    del client
+    gc.collect()
+    assert set(portal_threads()) <= threads
+    deadline = time.monotonic() + 2
+    while open_connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not open_connections
 
 
 def test_a_closed_cortex_refuses_to_work(fake_ollama: FakeOllamaFactory) -> None:

@@ -197,9 +197,8 @@ class Cortex:
         """Close every connection and stop the background loop. Safe to call twice."""
         with self._lock:
             loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        self._finalizer.detach()
+        if loop is None or self._finalizer.detach() is None:
+            return  # closed already (by the finalizer, at exit)
         _shutdown(self._async, loop, self._streams)
 
     @property
