@@ -127,3 +127,15 @@ def black_hole() -> Iterator[BlackHoleFactory]:
     yield make
     for hole in holes:
         hole.stop()
+
+
+@pytest.fixture
+def fresh_default_cortex(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Start without the module-level functions' default Cortex, and close the one made."""
+    from aicortex import _api
+
+    monkeypatch.setattr(_api, "_default", None)
+    yield
+    made = _api._default
+    if made is not None:
+        made.close()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,8 @@ from fakeollama import FakeOllama, FakeOllamaFactory, refused_url
 MODEL = "test-only-model:1b"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_default_cortex(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Start each test without a default Cortex and close the one it made."""
-    monkeypatch.setattr(_api, "_default", None)
-    yield
-    made = _api._default
-    if made is not None:
-        made.close()
+# Each test starts without a default Cortex and closes the one it made.
+pytestmark = pytest.mark.usefixtures("fresh_default_cortex")
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ import shutil
 import subprocess
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import aicortex
-from aicortex import EventType, ModelNotFoundError, ServerInfo, StreamConsumedError, _api, chat
+from aicortex import EventType, ModelNotFoundError, ServerInfo, StreamConsumedError, chat
 from aicortex import model_info as get_model_info
 from aicortex._catalog import metadata_dir
 from aicortex.tools import apply_valid_models, check_models, fetch_models, resolve_models
@@ -29,13 +28,8 @@ from fakeollama import FakeOllama, FakeOllamaFactory, refused_url, reply, stall_
 NEW_MODEL = "tinyllama:1.1b"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_default_cortex(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(_api, "_default", None)
-    yield
-    made = _api._default
-    if made is not None:
-        made.close()
+# Each test starts without a default Cortex and closes the one it made.
+pytestmark = pytest.mark.usefixtures("fresh_default_cortex")
 
 
 @pytest.fixture
