@@ -2,7 +2,9 @@
 
 ::
 
-    aicortex chat PROMPT [--model M] [--server URL ...] [--system S] [--json] [--verbose]
+    aicortex chat [PROMPT] [--model M] [--server URL ...] [--system S] [--temperature T]
+                  [--max-tokens N] [--seed N] [--format json] [--think] [-o KEY=VALUE ...]
+                  [--json] [--verbose]         no PROMPT on a terminal: an interactive chat
     aicortex models [--family F] [--json]      offline, from the catalog
     aicortex families [--json]                 offline
     aicortex info MODEL [--json]               offline
@@ -49,8 +51,10 @@ from .tools._common import positive_seconds, server_list
 
 if TYPE_CHECKING:
     from ._catalog import Catalog, ModelInfo
+    from ._client import ChatArgs
     from ._health import ServerInfo
     from ._pull import PullProgress
+    from ._sync import Stream
     from .tools.check_models import ServerCheck
     from .tools.fetch_models import ServerModels
 
@@ -74,7 +78,8 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
 PROG = "aicortex"
-NO_PROXY = "the proxy is not available in this installation (install aicortex-core[server])"
+SERVER_EXTRA = "aicortex-core[server]"
+NO_PROXY = f"the proxy is not available in this installation (install {SERVER_EXTRA})"
 
 EXIT_STATUSES = """\
 exit status:
@@ -240,39 +245,114 @@ def _indent(text: str) -> str:
 # --------------------------------------------------------------------------- online commands
 
 
+class _Answer:
+    """An answer being written to stdout, and whether its last line is still open (so
+    that an interruption or an error starts on a line of its own)."""
+
+    def __init__(self) -> None:
+        self.open_line = False
+        self.thinking = False
+
+    def write(self, text: str) -> None:
+        if self.thinking:
+            self.thinking = False
+            sys.stderr.write("\n...done thinking.\n")
+            sys.stderr.flush()
+        # Open first: Ctrl-C may come as soon as the text is out.
+        self.open_line = True
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self.open_line = not text.endswith("\n")
+
+    def think(self, text: str) -> None:
+        if not self.thinking:
+            self.thinking = True
+            sys.stderr.write("Thinking...\n")
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def end_line(self) -> None:
+        if self.thinking:
+            self.thinking = False
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        if self.open_line:
+            self.open_line = False
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+_ANSWER = _Answer()
+
+
+def _request(args: argparse.Namespace) -> ChatArgs:
+    """The chat request's arguments from the command line (options, format, think)."""
+    from ._repl import OptionError, parse_format, parse_think, request_options
+
+    try:
+        options = request_options(
+            args.option,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+        request: ChatArgs = {"system": args.system}
+        if options:
+            request["options"] = options
+        if args.format is not None:
+            request["format"] = parse_format(args.format)
+        if args.think is not None:
+            request["think"] = parse_think(args.think)
+    except OptionError as exc:
+        raise CLIError(str(exc)) from None
+    return request
+
+
+def _show(stream: Stream, *, quiet: bool = False) -> str:
+    """Write the answer as it streams (not with ``quiet``) and return its text."""
+    from ._events import EventType
+
+    try:
+        for event in stream:
+            if event.type is not EventType.TOKEN or quiet:
+                continue
+            if event.thinking:
+                _ANSWER.think(event.thinking)
+            if event.content:
+                _ANSWER.write(event.content)
+        return stream.text()
+    finally:
+        _ANSWER.end_line()
+
+
+def _broke_off(exc: StreamError, again: str) -> str:
+    return f"{without_advice(exc)} The answer is incomplete; {again} for a full one."
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    prompt: str = args.prompt
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    request = _request(args)
+    given: str | None = args.prompt
+    if given is None and sys.stdin.isatty():
+        if args.json:
+            raise CLIError("--json needs a PROMPT (or '-' to read it from stdin)")
+        return _chat_interactively(args, request)
+    prompt = sys.stdin.read() if given is None or given == "-" else given
     if not prompt.strip():
         raise CLIError("the prompt is empty")
-    from ._events import EventType
     from ._sync import Cortex
 
     options = _cortex_options(args)
     if args.model:
         options["model"] = args.model
-    printed = ""
     with Cortex(**options) as cortex:
-        stream = cortex.chat(prompt, stream=True, system=args.system)
+        stream = cortex.chat(prompt, stream=True, **request)
         with stream:
             if args.verbose:
                 _err(f"{PROG}: {stream.model} is answering from {stream.server}")
             try:
-                for event in stream:
-                    if event.type is EventType.TOKEN and event.content and not args.json:
-                        sys.stdout.write(event.content)
-                        sys.stdout.flush()
-                        printed = event.content
-                text = stream.text()
+                text = _show(stream, quiet=args.json)
             except StreamError as exc:
-                if printed and not printed.endswith("\n"):
-                    _out()
-                reason = without_advice(exc)
-                raise CLIError(
-                    f"{reason} The answer is incomplete; run the command again for a full one.",
-                    EXIT_STREAM_BROKE,
-                ) from exc
+                raise CLIError(_broke_off(exc, "run the command again"), EXIT_STREAM_BROKE) from exc
         if args.json:
             stats = stream.stats
             _print_json(
@@ -284,11 +364,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     "stats": _stats_json(stats) if stats is not None else None,
                 }
             )
-        elif text and not text.endswith("\n"):
-            _out()
         sys.stdout.flush()
         if args.verbose:
             _err(_stats_line(stream.server, stream.model, stream.stats))
+    return EXIT_OK
+
+
+def _chat_interactively(args: argparse.Namespace, request: ChatArgs) -> int:
+    """The chat at the ``>>>`` prompt, until ``/bye`` or Ctrl-D."""
+    from ._repl import Conversation, interactive
+    from ._sync import Cortex
+
+    def report(exc: BaseException) -> None:
+        text = _broke_off(exc, "ask again") if isinstance(exc, StreamError) else _one_line(exc)
+        _err(f"{PROG}: error: {text}")
+
+    def verbose(stream: Stream) -> None:
+        _err(_stats_line(stream.server, stream.model, stream.stats))
+
+    def show(stream: Stream) -> str:
+        if args.verbose:
+            _err(f"{PROG}: {stream.model} is answering from {stream.server}")
+        return _show(stream)
+
+    with Cortex(**_cortex_options(args)) as cortex:
+        interactive(
+            cortex,
+            Conversation(model=args.model),
+            request=request,
+            show=show,
+            report=report,
+            verbose=verbose if args.verbose else None,
+        )
     return EXIT_OK
 
 
@@ -693,17 +800,28 @@ def _serve_module() -> Any | None:
     return module
 
 
-def _add_serve(subparsers: Any, wanted: bool) -> None:
-    """The ``serve`` subcommand; the proxy's own arguments are loaded only when it is run."""
-    help_text = "run the OpenAI-compatible proxy (needs aicortex-core[server])"
-    parser = subparsers.add_parser("serve", help=help_text, description=help_text)
+def _add_serve(subparsers: Any, wanted: bool, asks_help: bool = False) -> None:
+    """The ``serve`` subcommand; the proxy's own arguments are loaded only when it is run.
+    Without the proxy's extra, ``serve --help`` says how to install it."""
+    help_text = "run the proxy that speaks OpenAI's and Ollama's APIs (needs aicortex-core[server])"
     module = _serve_module() if wanted else None
-    if module is None:
-        if wanted:
-            raise CLIError(NO_PROXY)
-        return
-    module.add_serve_arguments(parser)
-    parser.set_defaults(run=module.run_serve)
+    if module is None and wanted and not asks_help:
+        raise CLIError(NO_PROXY)
+    description = help_text
+    if wanted and module is None:
+        description = (
+            f"{help_text}.\n\nThe proxy is not installed here. Install it with:\n\n"
+            f"    python3 -m pip install '{SERVER_EXTRA}'"
+        )
+    parser = subparsers.add_parser(
+        "serve",
+        help=help_text,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if module is not None:
+        module.add_serve_arguments(parser)
+        parser.set_defaults(run=module.run_serve)
 
 
 # --------------------------------------------------------------------------- parser and main
@@ -737,6 +855,19 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _number(kind: Callable[[str], float] | Callable[[str], int]) -> Callable[[str], Any]:
+    """An argparse type that says which kind of number it wanted."""
+    name = "a whole number" if kind is int else "a number"
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+
+    return convert
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; ``argv`` tells whether ``serve`` is wanted (only then is the proxy imported)."""
     parser = _Parser(
@@ -752,16 +883,56 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     chat = sub.add_parser(
         "chat",
-        help="send a prompt and stream the answer",
+        help="send a prompt and stream the answer, or chat at a prompt",
         description="Send PROMPT to the best available server and stream the answer to stdout "
-        "as it arrives.",
+        "as it arrives. With no PROMPT on a terminal, chat interactively: the conversation "
+        "is kept, /help lists the commands, Ctrl-C stops an answer, /bye or Ctrl-D leaves. "
+        "With no PROMPT and stdin not a terminal, the prompt is read from stdin.",
     )
-    chat.add_argument("prompt", metavar="PROMPT", help="the prompt ('-' reads it from stdin)")
+    chat.add_argument(
+        "prompt",
+        metavar="PROMPT",
+        nargs="?",
+        help="the prompt ('-' reads it from stdin; none on a terminal: the interactive chat)",
+    )
     chat.add_argument(
         "-m", "--model", help="the model (default: $AICORTEX_MODEL or the catalog's default)"
     )
     _add_server(chat, "use only this server instead of the usual candidates")
     chat.add_argument("--system", metavar="S", help="a system prompt")
+    chat.add_argument(
+        "--temperature", type=_number(float), metavar="T", help="sampling temperature (0: greedy)"
+    )
+    chat.add_argument(
+        "--max-tokens",
+        type=_number(int),
+        metavar="N",
+        help="stop the answer after N tokens (Ollama's num_predict)",
+    )
+    chat.add_argument(
+        "--seed", type=_number(int), metavar="N", help="seed for reproducible answers"
+    )
+    chat.add_argument(
+        "--format",
+        metavar="FORMAT",
+        help="'json' for a JSON answer, or a JSON schema (an object) the answer must follow",
+    )
+    chat.add_argument(
+        "--think",
+        nargs="?",
+        const="true",
+        metavar="LEVEL",
+        help="let a thinking model think first (shown on stderr); LEVEL: true (the "
+        "default), false, low, medium, high or max",
+    )
+    chat.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any Ollama model option, such as -o num_ctx=8192 (repeat; VALUE is read as "
+        "JSON, else as text)",
+    )
     chat.add_argument(
         "--json",
         action="store_true",
@@ -878,7 +1049,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     refresh.add_argument("-v", "--verbose", action="store_true", help="log warnings")
     refresh.set_defaults(run=cmd_refresh)
 
-    _add_serve(sub, wanted=_command_of(argv) == "serve")
+    wanted = _command_of(argv) == "serve"
+    _add_serve(sub, wanted, asks_help=wanted and ("-h" in argv or "--help" in argv))
     return parser
 
 
