@@ -1,4 +1,5 @@
-"""Development sessions: ``nox`` runs lint, typecheck, tests, build; ``nox -s bench`` measures."""
+"""Development sessions: ``nox`` runs lint, typecheck, tests, real, build and docs;
+``nox -s bench`` measures."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tempfile
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "real", "build"]
+nox.options.sessions = ["lint", "typecheck", "tests", "real", "build", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -78,6 +79,15 @@ def build(session: nox.Session) -> None:
         # Run from outside the source tree so only the installed wheel can answer.
         with session.chdir(tmp):
             session.run(python, "-c", SMOKE, external=True)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with ``mkdocs build --strict`` into a temporary
+    directory: a broken link, a missing anchor or an unknown API reference fails it."""
+    install_project(session, extras="docs")
+    with tempfile.TemporaryDirectory() as site:
+        session.run("mkdocs", "build", "--strict", "--site-dir", site, *session.posargs)
 
 
 SMOKE = """

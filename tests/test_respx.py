@@ -1,6 +1,6 @@
 """Unit tests with respx at the HTTP boundary: exact requests and answers, no sockets.
 
-respx patches httpx's own transport, so these tests do what the README tells users to
+respx patches httpx's own transport, so these tests do what docs/testing.md tells users to
 do in theirs: set ``AICORTEX_HTTP=httpx`` (on asyncio, "auto" would pick aiohttp).
 """
 
@@ -150,8 +150,8 @@ async def test_an_api_key_is_sent_as_a_bearer_token(
 async def test_the_documented_recipe_mocks_a_default_cortex(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The README's recipe for users' tests: AICORTEX_HTTP=httpx plus respx.mock, and a
-    cortex built with default settings never touches the network."""
+    """The recipe of docs/testing.md for users' tests: AICORTEX_HTTP=httpx plus
+    respx.mock, and a cortex built with default settings never touches the network."""
     monkeypatch.setenv("AICORTEX_HTTP", "httpx")
     monkeypatch.setenv("OLLAMA_HOST", A)
     with respx.mock(assert_all_mocked=True) as router:

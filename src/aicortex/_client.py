@@ -509,7 +509,8 @@ class AsyncCortex:
 
         Returns the answer's text, or with ``stream=True`` an :class:`AsyncStream`
         that is already connected (its first token has arrived). Failures before
-        the first token move on to the next server; see the README for the rules.
+        the first token move on to the next server; see the documentation's
+        "Routing and failover" page for the rules.
         The other keyword arguments are :class:`ChatArgs`.
         """
         check_args("chat", args, CHAT_ARGS)

@@ -53,7 +53,7 @@ class CortexCollector:
 
     ``cortex`` is an :class:`~aicortex.AsyncCortex` or a :class:`~aicortex.Cortex`;
     the collector adds itself to it as an :class:`~aicortex.Observer` and counts its
-    requests from then on. It exposes the proxy's metrics (see the README), with
+    requests from then on. It exposes the proxy's metrics (see the documentation), with
     ``route`` the kind of request: ``chat``, ``generate`` or ``embed``. In-flight
     requests and server states are read from the client when collected. :meth:`close`
     stops counting.

@@ -343,9 +343,10 @@ def create_app(
     (liveness), ``GET /ready`` (200 when an upstream is up) and ``GET /metrics``.
 
     ``metrics`` (default on; False: no route, no cost): ``GET /metrics`` serves
-    Prometheus metrics of every request and server (see the README), behind the API keys
-    unless ``metrics_open``. With ``PROMETHEUS_MULTIPROC_DIR`` set before the process
-    starts, ``prometheus_client``'s multiprocess mode adds up every worker process's.
+    Prometheus metrics of every request and server (see the proxy's documentation),
+    behind the API keys unless ``metrics_open``. With ``PROMETHEUS_MULTIPROC_DIR`` set
+    before the process starts, ``prometheus_client``'s multiprocess mode adds up every
+    worker process's.
     ``access_log`` (default on): one line per request on the logger ``aicortex.access``
     at INFO, as ``key=value`` pairs or with ``log_format="json"`` a JSON object; it
     never holds a key, a prompt or an answer. A cortex passed in gets an observer added
