@@ -803,7 +803,7 @@ def _serve_module() -> Any | None:
 def _add_serve(subparsers: Any, wanted: bool, asks_help: bool = False) -> None:
     """The ``serve`` subcommand; the proxy's own arguments are loaded only when it is run.
     Without the proxy's extra, ``serve --help`` says how to install it."""
-    help_text = "run the proxy that speaks OpenAI's and Ollama's APIs (needs aicortex-core[server])"
+    help_text = "run the proxy for OpenAI and Ollama clients (needs aicortex-core[server])"
     module = _serve_module() if wanted else None
     if module is None and wanted and not asks_help:
         raise CLIError(NO_PROXY)
