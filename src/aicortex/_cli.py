@@ -3,7 +3,7 @@
 ::
 
     aicortex chat [PROMPT] [--model M] [--server URL ...] [--system S] [--temperature T]
-                  [--max-tokens N] [--seed N] [--format json] [--think] [-o KEY=VALUE ...]
+                  [--max-tokens N] [--seed N] [--format F] [--think [LEVEL]] [-o KEY=VALUE]
                   [--json] [--verbose]         no PROMPT on a terminal: an interactive chat
     aicortex models [--family F] [--json]      offline, from the catalog
     aicortex families [--json]                 offline
@@ -282,9 +282,6 @@ class _Answer:
             sys.stdout.flush()
 
 
-_ANSWER = _Answer()
-
-
 def _request(args: argparse.Namespace) -> ChatArgs:
     """The chat request's arguments from the command line (options, format, think)."""
     from ._repl import OptionError, parse_format, parse_think, request_options
@@ -308,21 +305,28 @@ def _request(args: argparse.Namespace) -> ChatArgs:
     return request
 
 
-def _show(stream: Stream, *, quiet: bool = False) -> str:
-    """Write the answer as it streams (not with ``quiet``) and return its text."""
+def _show(stream: Stream, *, quiet: bool = False, verbose: bool = False) -> str:
+    """Write the answer as it streams (not with ``quiet``) and return its text; with
+    ``verbose``, say on stderr who answers and, at the end, the token stats."""
     from ._events import EventType
 
+    if verbose:
+        _err(f"{PROG}: {stream.model} is answering from {stream.server}")
+    answer = _Answer()
     try:
         for event in stream:
             if event.type is not EventType.TOKEN or quiet:
                 continue
             if event.thinking:
-                _ANSWER.think(event.thinking)
+                answer.think(event.thinking)
             if event.content:
-                _ANSWER.write(event.content)
-        return stream.text()
+                answer.write(event.content)
+        text = stream.text()
     finally:
-        _ANSWER.end_line()
+        answer.end_line()
+    if verbose:
+        _err(_stats_line(stream.server, stream.model, stream.stats))
+    return text
 
 
 def _broke_off(exc: StreamError, again: str) -> str:
@@ -347,10 +351,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     with Cortex(**options) as cortex:
         stream = cortex.chat(prompt, stream=True, **request)
         with stream:
-            if args.verbose:
-                _err(f"{PROG}: {stream.model} is answering from {stream.server}")
             try:
-                text = _show(stream, quiet=args.json)
+                text = _show(stream, quiet=args.json, verbose=args.verbose)
             except StreamError as exc:
                 raise CLIError(_broke_off(exc, "run the command again"), EXIT_STREAM_BROKE) from exc
         if args.json:
@@ -364,9 +366,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     "stats": _stats_json(stats) if stats is not None else None,
                 }
             )
-        sys.stdout.flush()
-        if args.verbose:
-            _err(_stats_line(stream.server, stream.model, stream.stats))
     return EXIT_OK
 
 
@@ -379,13 +378,8 @@ def _chat_interactively(args: argparse.Namespace, request: ChatArgs) -> int:
         text = _broke_off(exc, "ask again") if isinstance(exc, StreamError) else _one_line(exc)
         _err(f"{PROG}: error: {text}")
 
-    def verbose(stream: Stream) -> None:
-        _err(_stats_line(stream.server, stream.model, stream.stats))
-
     def show(stream: Stream) -> str:
-        if args.verbose:
-            _err(f"{PROG}: {stream.model} is answering from {stream.server}")
-        return _show(stream)
+        return _show(stream, verbose=args.verbose)
 
     with Cortex(**_cortex_options(args)) as cortex:
         interactive(
@@ -394,7 +388,6 @@ def _chat_interactively(args: argparse.Namespace, request: ChatArgs) -> int:
             request=request,
             show=show,
             report=report,
-            verbose=verbose if args.verbose else None,
         )
     return EXIT_OK
 
@@ -805,10 +798,10 @@ def _add_serve(subparsers: Any, wanted: bool, asks_help: bool = False) -> None:
     Without the proxy's extra, ``serve --help`` says how to install it."""
     help_text = "run the proxy for OpenAI and Ollama clients (needs aicortex-core[server])"
     module = _serve_module() if wanted else None
-    if module is None and wanted and not asks_help:
-        raise CLIError(NO_PROXY)
     description = help_text
     if wanted and module is None:
+        if not asks_help:
+            raise CLIError(NO_PROXY)
         description = (
             f"{help_text}.\n\nThe proxy is not installed here. Install it with:\n\n"
             f"    python3 -m pip install '{SERVER_EXTRA}'"

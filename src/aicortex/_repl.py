@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from ._client import ChatArgs
@@ -33,7 +33,14 @@ __all__ = [
     "request_options",
 ]
 
-THINK_LEVELS = ("low", "medium", "high", "max")
+_THINK: dict[str, bool | Literal["low", "medium", "high", "max"]] = {
+    **dict.fromkeys(("true", "yes", "on", "1"), True),
+    **dict.fromkeys(("false", "no", "off", "0"), False),
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "max": "max",
+}
 QUOTE = '"""'
 
 HELP = """\
@@ -72,20 +79,10 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 def parse_think(text: str) -> bool | Literal["low", "medium", "high", "max"]:
     """``--think [LEVEL]``: true/false, or a level of effort."""
-    word = text.strip().lower()
-    if word in ("true", "yes", "on", "1"):
-        return True
-    if word in ("false", "no", "off", "0"):
-        return False
-    if word == "low":
-        return "low"
-    if word == "medium":
-        return "medium"
-    if word == "high":
-        return "high"
-    if word == "max":
-        return "max"
-    levels = ", ".join(THINK_LEVELS)
+    think = _THINK.get(text.strip().lower())
+    if think is not None:
+        return think
+    levels = ", ".join(key for key, value in _THINK.items() if isinstance(value, str))
     raise OptionError(f"--think {text!r}: give true, false or a level ({levels})")
 
 
@@ -206,13 +203,17 @@ class LineAssembler:
         self._lines = None
 
 
+def _new_key() -> str:
+    return os.urandom(16).hex()
+
+
 @dataclass
 class Conversation:
     """The messages so far; an answer that did not finish is not kept."""
 
     model: str | None = None
     messages: list[dict[str, str]] = field(default_factory=lambda: [])  # noqa: PIE807
-    key: str = field(default_factory=lambda: os.urandom(16).hex())
+    key: str = field(default_factory=_new_key)
 
     def ask(self, text: str) -> list[dict[str, str]]:
         """The messages to send for a new question (the conversation is unchanged)."""
@@ -226,7 +227,7 @@ class Conversation:
     def clear(self) -> None:
         """Forget the messages; later questions may go to another server."""
         self.messages.clear()
-        self.key = os.urandom(16).hex()
+        self.key = _new_key()
 
     @property
     def affinity(self) -> str:
@@ -244,33 +245,28 @@ def interactive(
     request: ChatArgs,
     show: Show,
     report: Callable[[BaseException], None],
-    verbose: Callable[[Stream], None] | None = None,
-    read: Callable[[str], str] = input,
-    err: TextIO | None = None,
 ) -> None:
     """Read questions until ``/bye`` or end of input; stream each answer with ``show``.
 
     ``show`` writes the stream and returns its text (ending its last line, even when
-    interrupted); ``report`` prints an error and the chat goes on; ``verbose`` (``-v``)
-    is called with each stream once it has ended.
+    interrupted); ``report`` prints an error and the chat goes on. What the chat
+    itself says goes to stderr.
     """
     from ._exceptions import AICortexError
 
-    errors = err if err is not None else sys.stderr
-    say = _printer(errors)
     _load_line_editing()
     lines = LineAssembler()
     model = conversation.model or cortex.default_model()
-    say(f"Chatting with {model}. /help for help, /bye to leave.")
+    _say(f"Chatting with {model}. /help for help, /bye to leave.")
     while True:
         try:
-            line = read("... " if lines.pending else ">>> ")
+            line = input("... " if lines.pending else ">>> ")
         except EOFError:
-            say("")
+            _say("")
             return
         except KeyboardInterrupt:
             lines.reset()
-            say("\n(Ctrl-D or /bye to leave)")
+            _say("\n(Ctrl-D or /bye to leave)")
             continue
         text = lines.feed(line)
         if text is None:
@@ -281,25 +277,25 @@ def interactive(
         if command.kind == "bye":
             return
         if command.kind == "help":
-            say(HELP)
+            _say(HELP)
             continue
         if command.kind == "clear":
             conversation.clear()
-            say("The conversation is cleared.")
+            _say("The conversation is cleared.")
             continue
         if command.kind == "model":
             if command.text:
                 conversation.model = command.text
                 conversation.clear()
-                say(f"Chatting with {command.text}; the conversation starts over.")
+                _say(f"Chatting with {command.text}; the conversation starts over.")
             else:
-                say(f"The model is {conversation.model or cortex.default_model()}.")
+                _say(f"The model is {conversation.model or cortex.default_model()}.")
             continue
         if command.kind == "unknown":
-            say(f"Unknown command {command.text!r}; /help lists them.")
+            _say(f"Unknown command {command.text!r}; /help lists them.")
             continue
         try:
-            answer = _answer(cortex, conversation, command.text, request, show, verbose)
+            answer = _answer(cortex, conversation, command.text, request, show)
         except KeyboardInterrupt:
             # The stream is closed already (the server sees the disconnect); the
             # question and its partial answer are forgotten.
@@ -316,25 +312,19 @@ def _answer(
     question: str,
     request: ChatArgs,
     show: Show,
-    verbose: Callable[[Stream], None] | None,
 ) -> str:
     arguments: ChatArgs = {**request, "affinity": conversation.affinity}
     stream = cortex.chat(
         conversation.ask(question), model=conversation.model, stream=True, **arguments
     )
     with stream:
-        text = show(stream)
-    if verbose is not None:
-        verbose(stream)
-    return text
+        return show(stream)
 
 
-def _printer(stream: TextIO) -> Callable[[str], None]:
-    def say(text: str) -> None:
-        stream.write(text + "\n")
-        stream.flush()
-
-    return say
+def _say(text: str) -> None:
+    """A line of the chat's own (not the answer's), on stderr."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _load_line_editing() -> None:
