@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +46,17 @@ def aicortex_cmd(*args: str, stdin: str = "", **env: str) -> subprocess.Complete
         text=True,
         env=environment(**env),
         timeout=60,
+    )
+
+
+def start_aicortex(*args: str, text: bool = False) -> subprocess.Popen[Any]:
+    """Start ``python -m aicortex ARGS`` with stdout and stderr piped, without waiting."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "aicortex", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=text,
+        env=environment(),
     )
 
 
@@ -112,13 +124,7 @@ def test_serve_runs_the_proxy_until_interrupted(fake_ollama: FakeOllamaFactory) 
     server = fake_ollama(models=["qwen3:8b"])
     port = free_port()
     args = ["serve", "--port", str(port), "--server", server.url, "--log-level", "warning"]
-    with subprocess.Popen(
-        [sys.executable, "-m", "aicortex", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment(),
-    ) as process:
+    with start_aicortex(*args, text=True) as process:
         deadline = time.monotonic() + 30
         answer = None
         while answer is None and time.monotonic() < deadline and process.poll() is None:
@@ -259,12 +265,7 @@ def test_offline_commands_import_no_http_stack(args: list[str]) -> None:
 def test_chat_streams_tokens_as_they_arrive(fake_ollama: FakeOllamaFactory) -> None:
     """The first token is on stdout while the answer is still being generated."""
     server = fake_ollama(chat=reply(["first ", "second"], delay=0.8))
-    with subprocess.Popen(
-        [sys.executable, "-m", "aicortex", "chat", "hi", "--server", server.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=environment(),
-    ) as process:
+    with start_aicortex("chat", "hi", "--server", server.url) as process:
         assert process.stdout is not None
         first = os.read(process.stdout.fileno(), 100)
         still_running = process.poll() is None
@@ -364,13 +365,7 @@ def test_a_stream_that_breaks_mid_answer_is_status_4(fake_ollama: FakeOllamaFact
 def test_ctrl_c_during_chat_exits_130(fake_ollama: FakeOllamaFactory) -> None:
     """Ctrl-C while waiting for the answer ends with status 130 and closes the request."""
     server = fake_ollama(chat=stall_before_headers())
-    with subprocess.Popen(
-        [sys.executable, "-m", "aicortex", "chat", "hi", "-s", server.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment(),
-    ) as process:
+    with start_aicortex("chat", "hi", "-s", server.url, text=True) as process:
         assert server.wait_for_request("/api/chat", timeout=30)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
@@ -385,12 +380,8 @@ def test_ctrl_c_during_pull_exits_130(fake_ollama: FakeOllamaFactory) -> None:
     first, second = fake_ollama(), fake_ollama()
     for server in (first, second):
         server.on("/api/pull", stall_before_headers())
-    with subprocess.Popen(
-        [sys.executable, "-m", "aicortex", "pull", "qwen3:8b", "-s", first.url, "-s", second.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment(),
+    with start_aicortex(
+        "pull", "qwen3:8b", "-s", first.url, "-s", second.url, text=True
     ) as process:
         assert first.wait_for_request("/api/pull", timeout=30)
         assert second.wait_for_request("/api/pull", timeout=30)
@@ -404,12 +395,7 @@ def test_ctrl_c_during_pull_exits_130(fake_ollama: FakeOllamaFactory) -> None:
 
 def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     """Output into a closed pipe (``aicortex models | head``) is status 141, no noise."""
-    with subprocess.Popen(
-        [sys.executable, "-m", "aicortex", "models"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=environment(),
-    ) as process:
+    with start_aicortex("models") as process:
         assert process.stdout is not None
         process.stdout.close()  # before the interpreter has even started
         _, stderr = process.communicate(timeout=30)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from fakeollama import FakeOllama, FakeOllamaFactory, reply
-from test_cli import NO_PROXY, aicortex_cmd, assert_one_error_line, environment
+from test_cli import NO_PROXY, aicortex_cmd, assert_one_error_line, environment, start_aicortex
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal")
 
@@ -123,12 +123,7 @@ def test_ctrl_c_mid_answer_ends_the_line_before_the_message(
 ) -> None:
     """The partial answer's line is ended, so ``aicortex: interrupted`` starts its own."""
     server = fake_ollama(chat=reply(["partial"] + [" more"] * 100, delay=0.2))
-    with subprocess.Popen(
-        [sys.executable, "-m", "aicortex", "chat", "hi", "-s", server.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=environment(),
-    ) as process:
+    with start_aicortex("chat", "hi", "-s", server.url) as process:
         assert process.stdout is not None
         assert os.read(process.stdout.fileno(), 7) == b"partial"
         process.send_signal(signal.SIGINT)
